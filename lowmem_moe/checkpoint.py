@@ -1,0 +1,140 @@
+"""A source model folder: its config and where each tensor's bytes lie on disk."""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SourceError
+from .model_config import ModelConfig, read_model_config
+from .safetensors_header import SafetensorsHeader, TensorEntry, read_header
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie: a file and an entry of its header."""
+
+    path: Path
+    entry: TensorEntry
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint folder with safetensors weights, indexed by tensor name.
+
+    Opening reads config.json and every shard header, never tensor data.
+    """
+
+    def __init__(self, folder: Path, config: ModelConfig, headers: list[SafetensorsHeader], weight_map: dict[str, Path]):
+        self.folder = folder
+        self.config = config
+        self.headers = headers
+        self._locations = {
+            name: TensorLocation(path=path, entry=_entry_in(headers, path, name)) for name, path in weight_map.items()
+        }
+
+    @classmethod
+    def open(cls, folder: Path) -> "Checkpoint":
+        """Open a model folder and validate its config and safetensors headers.
+
+        Raises:
+            SourceError: the folder, config or weights are missing or invalid.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SourceError(f"Model folder not found: {folder}. Check the path in the merge YAML.")
+        config = read_model_config(folder)
+
+        index_path = folder / SAFETENSORS_INDEX
+        single_path = folder / SAFETENSORS_SINGLE
+        if index_path.is_file():
+            weight_map = _read_index(folder, index_path)
+        elif single_path.is_file():
+            weight_map = None
+        elif any((folder / name).is_file() for name in BIN_NAMES):
+            # TODO: stream PyTorch .bin checkpoints without unpickling arbitrary code.
+            raise SourceError(
+                f"{folder}: only PyTorch .bin weights found, which lowmem-moe does not read yet. "
+                "Convert the model to safetensors first, for example by loading it with transformers and "
+                "calling save_pretrained(..., safe_serialization=True)."
+            )
+        else:
+            raise SourceError(f"{folder}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found.")
+
+        if weight_map is None:
+            header = read_header(single_path)
+            weight_map = {name: single_path for name in header.tensors}
+            headers = [header]
+        else:
+            headers = [read_header(path) for path in sorted(set(weight_map.values()))]
+        return cls(folder, config, headers, weight_map)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._locations)
+
+    def has(self, name: str) -> bool:
+        return name in self._locations
+
+    def locate(self, name: str) -> TensorLocation:
+        """Return where a tensor lies.
+
+        Raises:
+            SourceError: the checkpoint has no tensor of that name.
+        """
+        location = self._locations.get(name)
+        if location is None:
+            raise SourceError(f"{self.folder}: tensor {name!r} not found in the checkpoint's weights.")
+        return location
+
+
+def _read_index(folder: Path, index_path: Path) -> dict[str, Path]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"{index_path}: cannot read the index: {error}.") from error
+
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{index_path}: missing or empty 'weight_map'.")
+
+    resolved_folder = folder.resolve()
+    shard_paths: dict[str, Path] = {}
+    result = {}
+    for tensor_name, file_name in weight_map.items():
+        if file_name not in shard_paths:
+            shard_paths[file_name] = _shard_path(index_path, resolved_folder, tensor_name, file_name)
+        result[tensor_name] = shard_paths[file_name]
+    return result
+
+
+def _shard_path(index_path: Path, resolved_folder: Path, tensor_name: str, file_name: object) -> Path:
+    # A shard must be a file inside the model folder. An index naming "../x"
+    # or an absolute path, directly or through a symlink, is refused so that
+    # a downloaded index cannot make us read arbitrary files.
+    if not isinstance(file_name, str) or not file_name or os.path.isabs(file_name):
+        raise SourceError(f"{index_path}: tensor {tensor_name!r} maps to an invalid file name {file_name!r}.")
+    path = (resolved_folder / file_name).resolve()
+    if resolved_folder not in path.parents:
+        raise SourceError(
+            f"{index_path}: tensor {tensor_name!r} maps to {file_name!r}, which lies outside the model folder."
+        )
+    if not path.is_file():
+        raise SourceError(f"{index_path}: shard {file_name!r} (for tensor {tensor_name!r}) not found.")
+    return path
+
+
+def _entry_in(headers: list[SafetensorsHeader], path: Path, name: str) -> TensorEntry:
+    for header in headers:
+        if header.path == path:
+            entry = header.tensors.get(name)
+            if entry is None:
+                raise SourceError(f"{path}: tensor {name!r} is listed in the index but missing from this shard.")
+            return entry
+    raise AssertionError(f"no header read for {path}")

@@ -1,0 +1,170 @@
+"""The ``lowmem-moe`` command."""
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+from .memory_budget import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, MIN_CHUNK_SIZE
+from .merge import disk_bytes_needed, free_disk_bytes, prepare_merge, run_merge
+from .plan_report import format_bytes, plan_summary, plan_tensor_lines
+from .planner import PlanOptions
+
+logger = logging.getLogger("lowmem_moe")
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "k": 1024,
+    "m": 1024**2,
+    "g": 1024**3,
+    "t": 1024**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte count such as ``5GB`` (10^9), ``512MiB`` (2^20) or ``1048576``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use a number with an optional unit such as 5GB or 64MiB")
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowmem-moe",
+        description="Build Mixture-of-Experts checkpoints from dense models in bounded memory.",
+    )
+    parser.add_argument("--version", action="version", version=f"lowmem-moe {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = commands.add_parser("merge", help="merge the models of a mergekit-moe style YAML into OUT_DIR")
+    _add_plan_arguments(merge)
+    merge.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT_DIR")
+
+    plan = commands.add_parser("plan", help="print what a merge would read and write, without writing anything")
+    _add_plan_arguments(plan)
+    plan.add_argument("--tensors", action="store_true", help="also list every output tensor and its source bytes")
+    plan.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    return parser
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, metavar="CONFIG.yml", help="merge YAML, as written for mergekit-moe")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="output model folder")
+    parser.add_argument(
+        "--shard-size",
+        type=parse_size,
+        default=DEFAULT_SHARD_SIZE,
+        help="maximum tensor bytes per output file, e.g. 5GB or 2GiB (default: 5GB)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"bytes read from a source per step; memory use grows with it (default: {format_bytes(DEFAULT_CHUNK_SIZE)})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for random gates and noise (default: 0)")
+    parser.add_argument(
+        "--drop-config-field",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="leave out a base config.json field that the output architecture cannot express (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-identical-experts",
+        "--i-understand-this-is-not-useful-without-training",
+        action="store_true",
+        dest="allow_identical_experts",
+        help="allow every expert to come from the same model, which is useful only before training",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit code."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    if args.chunk_size < MIN_CHUNK_SIZE:
+        logger.error("--chunk-size must be at least %s.", format_bytes(MIN_CHUNK_SIZE))
+        return 2
+
+    options = PlanOptions(
+        shard_size=args.shard_size,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        dropped_config_fields=frozenset(args.drop_config_field),
+        allow_identical_experts=args.allow_identical_experts,
+    )
+    try:
+        if args.command == "plan":
+            return _plan_command(args, options)
+        return _merge_command(args, options)
+    except UserError as error:
+        logger.error("%s", error)
+        return 1
+    except KeyboardInterrupt:
+        logger.error("Interrupted. Nothing was left at %s.", args.out_dir)
+        return 130
+
+
+def _plan_command(args: argparse.Namespace, options: PlanOptions) -> int:
+    prepared = prepare_merge(args.config, options)
+    if args.json:
+        print(json.dumps(prepared.plan.to_json_dict(), indent=2))
+        return 0
+    print(plan_summary(prepared.plan, free_disk_bytes(args.out_dir), disk_bytes_needed(prepared)))
+    if args.tensors:
+        print("\n".join(plan_tensor_lines(prepared.plan)))
+    return 0
+
+
+def _merge_command(args: argparse.Namespace, options: PlanOptions) -> int:
+    start = time.monotonic()
+    out_dir = run_merge(args.config, args.out_dir, options, overwrite=args.overwrite)
+    size = sum(path.stat().st_size for path in out_dir.iterdir() if path.is_file())
+    logger.info("Done: %s of output in %.1f s.", format_bytes(size), time.monotonic() - start)
+    return 0
+
+
+class _LevelPrefixFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"error: {message}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {message}"
+        return message
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LevelPrefixFormatter("%(message)s"))
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    package_logger = logging.getLogger("lowmem_moe")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(level)
+    package_logger.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The cheap_embed gate mode: router vectors from the base's token embeddings of the prompts."""
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..config import ExpertConfig
+from ..embedding_rows import EmbeddingRows
+from ..errors import SourceError, UserError
+from .prompt_tokens import prompt_token_ids
+
+logger = logging.getLogger(__name__)
+
+
+def cheap_embed_router_weights(
+    experts: Sequence[ExpertConfig], tokenizer: PreTrainedTokenizerBase, embeddings: EmbeddingRows, num_layers: int
+) -> torch.Tensor:
+    """Return router weights of shape (layers, experts, hidden), the same vector at every layer.
+
+    As in mergekit-moe, an expert's vector is the L2-normalised sum of the
+    embeddings of every token of its positive prompts. When it has negative
+    prompts, their normalised sum is subtracted and the result normalised
+    again. Only the embedding rows of prompt tokens are read.
+    """
+    vectors = []
+    for index, expert in enumerate(experts):
+        label = f"expert {index} (line {expert.line})"
+        vector = _normalised_sum(expert.positive_prompts, tokenizer, embeddings, label)
+        if expert.negative_prompts:
+            vector = vector - _normalised_sum(expert.negative_prompts, tokenizer, embeddings, label)
+            vector = vector / vector.norm().clamp(min=1e-8)
+        vectors.append(vector)
+
+    per_layer = torch.stack(vectors)  # (experts, hidden)
+    return per_layer.unsqueeze(0).repeat(num_layers, 1, 1)  # (layers, experts, hidden)
+
+
+def _normalised_sum(
+    prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase, embeddings: EmbeddingRows, label: str
+) -> torch.Tensor:
+    total = torch.zeros(embeddings.hidden_size, dtype=torch.float64)  # float64 so long prompt lists sum exactly enough
+    for prompt in prompts:
+        token_ids = prompt_token_ids(tokenizer, prompt)
+        if not token_ids:
+            raise UserError(
+                f"{label}: prompt {prompt!r} has no tokens, because it is empty and the tokenizer has no BOS token. "
+                "Remove it or give it text."
+            )
+        _check_token_ids(token_ids, tokenizer, embeddings, label, prompt)
+        for token_id in token_ids:
+            row = embeddings.row(token_id)
+            if not torch.isfinite(row).all():
+                raise SourceError(
+                    f"{embeddings.path}: row {token_id} of {embeddings.tensor_name!r} contains NaN or Inf "
+                    f"(token {tokenizer.convert_ids_to_tokens(token_id)!r} in a prompt of {label})."
+                )
+            total += row
+    total = total.to(torch.float32)
+    return total / total.norm().clamp(min=1e-8)
+
+
+def _check_token_ids(
+    token_ids: list[int], tokenizer: PreTrainedTokenizerBase, embeddings: EmbeddingRows, label: str, prompt: str
+) -> None:
+    outside = sorted({t for t in token_ids if t >= embeddings.num_rows})
+    if outside:
+        names = ", ".join(f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t})" for t in outside)
+        raise UserError(
+            f"{label}: prompt {prompt!r} has tokens beyond the {embeddings.num_rows} rows of the base's "
+            f"{embeddings.tensor_name!r}: {names}. They were probably added to the tokenizer without embedding "
+            "rows. Remove them from the prompt."
+        )

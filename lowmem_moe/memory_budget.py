@@ -1,0 +1,50 @@
+"""Every buffer of the merge whose size can grow, with its bound in one place.
+
+Nothing else allocates memory that scales with the model: tensors are never
+loaded whole, only chunks of them.
+"""
+
+from dataclasses import dataclass
+
+DEFAULT_CHUNK_SIZE = 16 * 1024**2  # bytes read from a source per step
+MIN_CHUNK_SIZE = 64 * 1024  # bytes
+DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes per output file, as mergekit-moe and transformers default to 5 GB
+
+# Noise is drawn in fixed blocks of this many float32 elements, each block
+# from its own seed, so that the noise does not depend on the chunk size.
+NOISE_BLOCK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Upper bounds, in bytes, of the buffers that the merge allocates."""
+
+    chunk_size: int
+    router_bytes: int  # (layers, experts, hidden) float32 router weights
+    gate_pass_bytes: int  # working memory of the gate pass
+
+    @property
+    def copy_phase_bytes(self) -> int:
+        # A chunk of n bytes of a 16-bit source becomes a float32 copy of 2n
+        # bytes when a transform applies, then an output copy of at most n
+        # bytes, so the read buffer and both copies add up to 4n. A noise
+        # block adds 4 bytes per element.
+        return 4 * self.chunk_size + 4 * NOISE_BLOCK_ELEMENTS
+
+    @property
+    def total_bytes(self) -> int:
+        return self.router_bytes + max(self.copy_phase_bytes, self.gate_pass_bytes)
+
+
+def router_bytes(num_layers: int, num_experts: int, hidden_size: int) -> int:
+    """Return the size of the float32 router weights of all layers."""
+    return 4 * num_layers * num_experts * hidden_size
+
+
+def cheap_embed_bytes(num_experts: int, hidden_size: int, chunk_size: int) -> int:
+    """Return the working memory of the cheap_embed gate pass.
+
+    Embedding rows are read one at a time into float32 sums, one per expert
+    and prompt set, so prompts of any number and length fit.
+    """
+    return 2 * 4 * num_experts * hidden_size + min(chunk_size, 4 * hidden_size * 2)

@@ -1,0 +1,105 @@
+"""The merge pipeline: config, sources, plan, gate pass, shards, metadata, publish."""
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import MergeConfig, load_merge_config
+from .errors import OutputError, PlanError
+from .gates import compute_router_weights
+from .model_card import model_card
+from .output_files import copy_base_files, has_tokenizer, metadata_file_sizes, write_config, write_index
+from .output_folder import OutputFolder
+from .plan import MergePlan
+from .plan_executor import write_shards
+from .planner import PlanOptions, build_plan
+from .sources import MergeSources, open_sources
+
+logger = logging.getLogger(__name__)
+
+# Room left free on the output disk beyond the planned bytes, for the
+# filesystem's own metadata and for whatever else writes there meanwhile.
+DISK_MARGIN_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class PreparedMerge:
+    """A loaded config, its opened sources and the plan built from them."""
+
+    config: MergeConfig
+    sources: MergeSources
+    plan: MergePlan
+    options: PlanOptions
+
+
+def prepare_merge(config_path: Path, options: PlanOptions) -> PreparedMerge:
+    """Load the YAML, open every source and build the plan. Reads headers only.
+
+    Raises:
+        UserError: the config, a source or the combination is invalid.
+    """
+    config = load_merge_config(config_path)
+    sources = open_sources(config)
+    if not has_tokenizer(sources.base):
+        raise PlanError(
+            f"{sources.base.folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json). "
+            "The merged model needs the base model's tokenizer; copy its files into the base folder."
+        )
+    plan = build_plan(config, sources, options)
+    return PreparedMerge(config=config, sources=sources, plan=plan, options=options)
+
+
+def disk_bytes_needed(prepared: PreparedMerge) -> int:
+    """Return the bytes the output folder will take, including copied files and the model card."""
+    return prepared.plan.bytes_written + metadata_file_sizes(prepared.sources.base) + 1024**2
+
+
+def free_disk_bytes(out_dir: Path) -> int:
+    """Return the free bytes on the filesystem that will hold ``out_dir``."""
+    probe = Path(out_dir).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite: bool = False) -> Path:
+    """Merge the models of a YAML into a MoE checkpoint at ``out_dir`` and return its path.
+
+    The output appears at ``out_dir`` only when complete. On failure or
+    interruption the staging folder is removed and ``out_dir`` is unchanged.
+
+    Raises:
+        UserError: bad input, too little disk space, or an output folder
+            that cannot be written.
+    """
+    output = OutputFolder(out_dir, overwrite=overwrite)
+    output.check_target()
+
+    prepared = prepare_merge(config_path, options)
+    needed = disk_bytes_needed(prepared)
+    free = free_disk_bytes(out_dir)
+    if needed + DISK_MARGIN_BYTES > free:
+        raise OutputError(
+            f"Not enough disk space at {Path(out_dir).absolute().parent}: the merge writes {needed:,} bytes and "
+            f"{free:,} are free. Free at least {needed + DISK_MARGIN_BYTES - free:,} bytes or choose another OUT_DIR."
+        )
+
+    router_weights = compute_router_weights(prepared.config, prepared.sources, options.seed)
+
+    staging = output.create()
+    try:
+        write_shards(prepared.plan, staging, router_weights)
+        write_index(prepared.plan, staging)
+        write_config(prepared.plan.output_config, staging)
+        copy_base_files(prepared.sources.base, staging)
+        (staging / "README.md").write_text(model_card(prepared.config, prepared.plan, options.seed), encoding="utf-8")
+        published = output.publish()
+    except OSError as error:
+        output.discard()
+        raise OutputError(f"Writing the output failed: {error}. Nothing was left at {out_dir}.") from error
+    except BaseException:
+        output.discard()
+        raise
+    logger.info("Merged model written to %s", published)
+    return published

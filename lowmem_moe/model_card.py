@@ -1,0 +1,74 @@
+"""The output README.md: what was merged, from what, and how to reproduce it."""
+
+from pathlib import Path
+
+from . import __version__
+from .config import ExpertConfig, MergeConfig
+from .plan import MergePlan
+
+MAX_PROMPTS_LISTED = 8
+
+
+def model_card(config: MergeConfig, plan: MergePlan, seed: int) -> str:
+    """Return the model card text in Markdown, with Hugging Face front matter."""
+    lines = [
+        "---",
+        "tags:",
+        "- moe",
+        "- frankenmoe",
+        "- lowmem-moe",
+        "---",
+        "",
+        f"# {Path(config.path).stem}",
+        "",
+        f"A {plan.architecture} Mixture-of-Experts model with {len(config.experts)} experts, "
+        f"{config.experts_per_token} active per token, built by lowmem-moe {__version__}.",
+        "",
+        "## Settings",
+        "",
+        f"- base model: `{config.base_reference}`",
+        f"- architecture: {plan.architecture}",
+        f"- gate_mode: {config.gate_mode}",
+        f"- dtype: {plan.output_config.get('dtype')}",
+        f"- experts_per_token: {config.experts_per_token}",
+        f"- seed: {seed}",
+        "",
+        "## Experts",
+        "",
+        "| # | source model | positive prompts | negative prompts | noise_scale | residual_scale |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [_expert_row(index, expert) for index, expert in enumerate(config.experts)]
+    lines += [
+        "",
+        "## Merge config",
+        "",
+        "```yaml",
+        config.text.rstrip("\n"),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _expert_row(index: int, expert: ExpertConfig) -> str:
+    return (
+        f"| {index} | `{expert.source_reference}` | {_prompt_list(expert.positive_prompts)} | "
+        f"{_prompt_list(expert.negative_prompts)} | {_number(expert.noise_scale)} | {_number(expert.residual_scale)} |"
+    )
+
+
+def _prompt_list(prompts: tuple[str, ...]) -> str:
+    if not prompts:
+        return "-"
+    shown = ", ".join(_escape(repr(prompt)) for prompt in prompts[:MAX_PROMPTS_LISTED])
+    hidden = len(prompts) - MAX_PROMPTS_LISTED
+    return shown + (f" and {hidden} more" if hidden > 0 else "")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")

@@ -1,0 +1,80 @@
+"""The small files of the output folder besides the shards: index, configs and tokenizer."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .plan import MergePlan
+from .shard_format import INDEX_NAME
+
+logger = logging.getLogger(__name__)
+
+# Tokenizer files that transformers may need, whichever tokenizer class the
+# base uses. Those the base has are copied; the rest are skipped.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Files from which transformers can build a tokenizer on their own.
+TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+GENERATION_CONFIG = "generation_config.json"
+
+
+def tokenizer_files(base: Checkpoint) -> list[Path]:
+    """Return the base's tokenizer files that are copied to the output."""
+    return [base.folder / name for name in TOKENIZER_FILES if (base.folder / name).is_file()]
+
+
+def has_tokenizer(base: Checkpoint) -> bool:
+    """Return whether the base folder holds a vocabulary that transformers can load."""
+    return any((base.folder / name).is_file() for name in TOKENIZER_VOCABULARY_FILES)
+
+
+def metadata_file_sizes(base: Checkpoint) -> int:
+    """Return the bytes of the files copied from the base, for the disk space check."""
+    paths = tokenizer_files(base)
+    if (base.folder / GENERATION_CONFIG).is_file():
+        paths.append(base.folder / GENERATION_CONFIG)
+    return sum(path.stat().st_size for path in paths)
+
+
+def write_index(plan: MergePlan, folder: Path) -> None:
+    """Write model.safetensors.index.json, whose total_size counts tensor data bytes only, as transformers expects."""
+    weight_map = {tensor.name: shard.file_name for shard in plan.shards for tensor in shard.tensors}
+    index = {
+        "metadata": {"total_size": sum(shard.data_size for shard in plan.shards)},
+        "weight_map": weight_map,
+    }
+    _write_json(folder / INDEX_NAME, index)
+
+
+def write_config(output_config: dict[str, Any], folder: Path) -> None:
+    """Write config.json."""
+    _write_json(folder / "config.json", output_config)
+
+
+def copy_base_files(base: Checkpoint, folder: Path) -> list[str]:
+    """Copy generation_config.json and tokenizer files from the base, returning the names copied."""
+    copied = []
+    generation_config = base.folder / GENERATION_CONFIG
+    for source in [*tokenizer_files(base), generation_config]:
+        if source.is_file():
+            shutil.copyfile(source, folder / source.name)
+            copied.append(source.name)
+    logger.info("Copied from the base model: %s", ", ".join(copied) or "nothing")
+    return copied
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

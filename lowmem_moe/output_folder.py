@@ -1,0 +1,112 @@
+"""The output folder's lifecycle: built in a staging folder, moved into place when complete.
+
+Nothing at OUT_DIR looks like a model until the last file is written: the
+merge writes into a hidden sibling folder and renames it to OUT_DIR at the
+end. A failed merge removes its staging folder.
+"""
+
+import enum
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+STAGING_MARKER = ".lowmem-moe-staging"
+
+
+class FolderState(enum.Enum):
+    NEW = "new"
+    STAGING = "staging"
+    PUBLISHED = "published"
+    DISCARDED = "discarded"
+
+
+class OutputFolder:
+    """Stages a merge's output and publishes it at ``target`` in one rename."""
+
+    def __init__(self, target: Path, overwrite: bool = False):
+        self.target = Path(target).absolute()
+        self.overwrite = overwrite
+        self.staging = self.target.parent / f".{self.target.name}.lowmem-moe-partial"
+        self.state = FolderState.NEW
+
+    def check_target(self) -> None:
+        """Raise OutputError unless the target can receive the merge.
+
+        The target must be absent, an empty folder, or, with overwrite, a
+        folder whose contents may be replaced.
+        """
+        if self.target.exists() and not self.target.is_dir():
+            raise OutputError(f"Output path {self.target} exists and is not a folder. Choose another OUT_DIR.")
+        if self.target.is_dir() and any(self.target.iterdir()) and not self.overwrite:
+            raise OutputError(
+                f"Output folder {self.target} is not empty. Choose another OUT_DIR, or pass --overwrite to replace "
+                "its contents."
+            )
+        if not self.target.parent.is_dir():
+            raise OutputError(f"Parent folder of {self.target} does not exist. Create it first.")
+
+    def create(self) -> Path:
+        """Create an empty staging folder, removing one left by an earlier failed run."""
+        self._expect(FolderState.NEW, "create")
+        self.check_target()
+        if self.staging.exists():
+            if not (self.staging / STAGING_MARKER).is_file():
+                raise OutputError(
+                    f"{self.staging} exists but was not made by lowmem-moe. Move it away and run again."
+                )
+            logger.info("Removing the staging folder of an earlier run: %s", self.staging)
+            shutil.rmtree(self.staging)
+        try:
+            self.staging.mkdir()
+            (self.staging / STAGING_MARKER).touch()
+        except OSError as error:
+            raise OutputError(f"Cannot create {self.staging}: {error.strerror or error}.") from error
+        self.state = FolderState.STAGING
+        return self.staging
+
+    def publish(self) -> Path:
+        """Move the staged files into place as the finished model folder."""
+        self._expect(FolderState.STAGING, "publish")
+        (self.staging / STAGING_MARKER).unlink()
+        _fsync_folder(self.staging)
+
+        if self.target.is_dir() and any(self.target.iterdir()):
+            # Only reachable with overwrite, which check_target verified.
+            retired = self.target.parent / f".{self.target.name}.lowmem-moe-replaced"
+            if retired.exists():
+                shutil.rmtree(retired)
+            os.rename(self.target, retired)
+            os.rename(self.staging, self.target)
+            shutil.rmtree(retired)
+        else:
+            if self.target.is_dir():
+                self.target.rmdir()
+            os.rename(self.staging, self.target)
+        _fsync_folder(self.target.parent)
+        self.state = FolderState.PUBLISHED
+        return self.target
+
+    def discard(self) -> None:
+        """Remove the staging folder. Safe to call in any state."""
+        if self.state is FolderState.STAGING and self.staging.exists():
+            shutil.rmtree(self.staging, ignore_errors=True)
+        if self.state is not FolderState.PUBLISHED:
+            self.state = FolderState.DISCARDED
+
+    def _expect(self, state: FolderState, action: str) -> None:
+        if self.state is not state:
+            raise RuntimeError(f"{self.target}: {action} called in state {self.state.value}, expected {state.value}")
+
+
+def _fsync_folder(path: Path) -> None:
+    # Makes the renames inside the folder durable.
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

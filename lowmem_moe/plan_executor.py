@@ -1,0 +1,101 @@
+"""Execute a MergePlan: stream every tensor from its sources into the output shards."""
+
+import logging
+import os
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .chunk_transform import transform_chunk
+from .dtypes import ITEM_SIZES
+from .errors import SourceError
+from .plan import FileSource, GateSource, MergePlan, PlannedTensor
+from .shard_writer import ShardWriter
+
+logger = logging.getLogger(__name__)
+
+
+class SourceFiles:
+    """Read-only handles on source files, opened on first use and closed together."""
+
+    def __init__(self, stack: ExitStack):
+        self._stack = stack
+        self._descriptors: dict[Path, int] = {}
+
+    def read_into(self, path: Path, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes of ``path`` starting at ``offset``."""
+        descriptor = self._descriptor(path)
+        filled = 0
+        while filled < len(buffer):
+            count = os.preadv(descriptor, [buffer[filled:]], offset + filled)
+            if count == 0:
+                raise SourceError(f"{path}: file ended at byte {offset + filled}; it changed or was truncated during the merge.")
+            filled += count
+
+    def _descriptor(self, path: Path) -> int:
+        if path not in self._descriptors:
+            try:
+                descriptor = os.open(path, os.O_RDONLY)
+            except OSError as error:
+                raise SourceError(f"Cannot open {path}: {error.strerror}.") from error
+            self._stack.callback(os.close, descriptor)
+            self._descriptors[path] = descriptor
+        return self._descriptors[path]
+
+
+def write_shards(plan: MergePlan, folder: Path, router_weights: torch.Tensor | None) -> list[Path]:
+    """Write every shard of the plan into ``folder`` and return their paths.
+
+    ``router_weights`` has shape (layers, experts, hidden) in float32 and
+    provides the data of GateSource tensors. A failure removes the shard in
+    progress; shards finished before it stay.
+    """
+    # The one reusable read buffer of the copy phase; see memory_budget.
+    buffer = bytearray(plan.chunk_size)
+    written = []
+    progress = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="Writing shards")
+    with ExitStack() as stack, progress:
+        sources = SourceFiles(stack)
+        for shard in plan.shards:
+            writer = ShardWriter(folder, shard)
+            try:
+                writer.begin()
+                for tensor in shard.tensors:
+                    for chunk in _tensor_chunks(tensor, sources, buffer, router_weights):
+                        writer.write(chunk)
+                        progress.update(len(chunk))
+                    writer.end_tensor()
+                written.append(writer.finish())
+            except BaseException:
+                writer.abort()
+                raise
+            logger.debug("Wrote %s", writer.final_path)
+    return written
+
+
+def _tensor_chunks(tensor: PlannedTensor, sources: SourceFiles, buffer: bytearray, router_weights: torch.Tensor | None):
+    source = tensor.source
+    if isinstance(source, GateSource):
+        if router_weights is None:
+            raise RuntimeError(f"{tensor.name}: the plan needs router weights but none were computed")
+        rows = router_weights[source.layer].to(torch.float32).contiguous()  # (experts, hidden)
+        raw = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+        yield transform_chunk(raw, "F32", tensor.transform, 0)
+        return
+
+    assert isinstance(source, FileSource)
+    item_size = ITEM_SIZES[source.dtype]
+    # Chunks hold whole elements so that each converts on its own.
+    chunk_capacity = max(item_size, len(buffer) // item_size * item_size)
+    first_element = 0
+    for segment in source.segments:
+        position = 0
+        while position < segment.nbytes:
+            count = min(chunk_capacity, segment.nbytes - position)
+            view = memoryview(buffer)[:count]
+            sources.read_into(segment.path, segment.offset + position, view)
+            yield transform_chunk(view, source.dtype, tensor.transform, first_element)
+            first_element += count // item_size
+            position += count
