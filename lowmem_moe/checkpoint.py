@@ -4,7 +4,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import SourceError
 from .model_config import ModelConfig, read_model_config
@@ -19,7 +19,7 @@ BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 @dataclass(frozen=True)
 class TensorLocation:
-    """Where one tensor's bytes lie: a file and an entry of its header."""
+    """The file that contains a tensor, and the tensor's entry in that file's header."""
 
     path: Path
     entry: TensorEntry
@@ -97,7 +97,9 @@ class Checkpoint:
 def _read_index(folder: Path, index_path: Path) -> dict[str, Path]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:
+        # ValueError covers UnicodeDecodeError, JSONDecodeError and integers
+        # above Python's digit limit. RecursionError covers deep nesting.
         raise SourceError(f"{index_path}: cannot read the index: {error}.") from error
 
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -108,6 +110,8 @@ def _read_index(folder: Path, index_path: Path) -> dict[str, Path]:
     shard_paths: dict[str, Path] = {}
     result = {}
     for tensor_name, file_name in weight_map.items():
+        if not isinstance(file_name, str):
+            raise SourceError(f"{index_path}: tensor {tensor_name!r} maps to an invalid file name {file_name!r}.")
         if file_name not in shard_paths:
             shard_paths[file_name] = _shard_path(index_path, resolved_folder, tensor_name, file_name)
         result[tensor_name] = shard_paths[file_name]
@@ -115,13 +119,16 @@ def _read_index(folder: Path, index_path: Path) -> dict[str, Path]:
 
 
 def _shard_path(index_path: Path, resolved_folder: Path, tensor_name: str, file_name: object) -> Path:
-    # A shard must be a file inside the model folder. An index naming "../x"
-    # or an absolute path, directly or through a symlink, is refused so that
-    # a downloaded index cannot make us read arbitrary files.
-    if not isinstance(file_name, str) or not file_name or os.path.isabs(file_name):
+    # A shard must be named by a path inside the model folder, so that a
+    # downloaded index cannot make us read arbitrary files. Absolute names,
+    # ".." parts and subfolders that are symlinks leading out are rejected.
+    # The shard file itself may be a symlink, because the Hugging Face cache
+    # links every file of a snapshot folder to a blob in ../../blobs.
+    if not isinstance(file_name, str) or not file_name or "\0" in file_name or os.path.isabs(file_name):
         raise SourceError(f"{index_path}: tensor {tensor_name!r} maps to an invalid file name {file_name!r}.")
-    path = (resolved_folder / file_name).resolve()
-    if resolved_folder not in path.parents:
+    path = resolved_folder / file_name
+    parent = path.parent.resolve()
+    if ".." in PurePosixPath(file_name).parts or (parent != resolved_folder and resolved_folder not in parent.parents):
         raise SourceError(
             f"{index_path}: tensor {tensor_name!r} maps to {file_name!r}, which lies outside the model folder."
         )

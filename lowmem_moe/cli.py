@@ -159,7 +159,11 @@ class _LevelPrefixFormatter(logging.Formatter):
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LevelPrefixFormatter("%(message)s"))
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     package_logger = logging.getLogger("lowmem_moe")
     package_logger.handlers[:] = [handler]
     package_logger.setLevel(level)

@@ -70,7 +70,7 @@ class MergeConfig:
 def load_merge_config(path: Path) -> MergeConfig:
     """Read and validate a merge YAML.
 
-    Relative model paths resolve against the folder that holds the YAML.
+    Relative model paths resolve against the folder that contains the YAML.
     Prompts that look like YAML slips, such as an unbalanced quote, are
     logged as warnings.
 
@@ -126,8 +126,8 @@ class _Parser:
             if gate_mode not in GATE_MODES:
                 raise self._error(
                     fields["gate_mode"],
-                    f"unknown gate_mode {gate_mode!r}{_suggestion(gate_mode, GATE_MODES)}. "
-                    f"Known modes: {', '.join(GATE_MODES)}",
+                    f"unknown gate_mode {gate_mode!r}. Known modes: {', '.join(GATE_MODES)}"
+                    f"{_suggestion(gate_mode, GATE_MODES)}",
                 )
         if gate_mode in UNSUPPORTED_GATE_MODES:
             node = fields.get("gate_mode", root)
@@ -298,7 +298,8 @@ class _Parser:
 
     def _error(self, node: yaml.Node, message: str) -> ConfigError:
         mark = node.start_mark
-        return ConfigError(f"{self.path}, line {mark.line + 1}, column {mark.column + 1}: {message}.")
+        end = "" if message.endswith("?") else "."
+        return ConfigError(f"{self.path}, line {mark.line + 1}, column {mark.column + 1}: {message}{end}")
 
     def _warn(self, node: yaml.Node, message: str) -> None:
         mark = node.start_mark
@@ -307,4 +308,4 @@ class _Parser:
 
 def _suggestion(word: str, known: tuple[str, ...]) -> str:
     matches = difflib.get_close_matches(word, known, n=1, cutoff=0.5)
-    return f"; did you mean {matches[0]!r}?" if matches else ""
+    return f". Did you mean {matches[0]!r}?" if matches else ""

@@ -1,5 +1,6 @@
 """The output README.md: what was merged, from what, and how to reproduce it."""
 
+import re
 from pathlib import Path
 
 from . import __version__
@@ -43,9 +44,9 @@ def model_card(config: MergeConfig, plan: MergePlan, seed: int) -> str:
         "",
         "## Merge config",
         "",
-        "```yaml",
+        f"{_fence(config.text)}yaml",
         config.text.rstrip("\n"),
-        "```",
+        _fence(config.text),
         "",
     ]
     return "\n".join(lines)
@@ -72,3 +73,10 @@ def _number(value: float | None) -> str:
 
 def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _fence(text: str) -> str:
+    # A code fence longer than any run of backticks in the text, so that
+    # the YAML cannot close it early.
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)

@@ -90,6 +90,9 @@ def read_model_config(folder: Path) -> ModelConfig:
         raw = json.loads(text)
     except json.JSONDecodeError as error:
         raise SourceError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}.") from error
+    except (ValueError, RecursionError) as error:
+        # Integers above Python's digit limit, or nesting deeper than the recursion limit.
+        raise SourceError(f"{path}: invalid JSON: {error}.") from error
     if not isinstance(raw, dict):
         raise SourceError(f"{path}: must contain a JSON object.")
     return ModelConfig(path=path, raw=raw)

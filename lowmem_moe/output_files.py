@@ -37,7 +37,7 @@ def tokenizer_files(base: Checkpoint) -> list[Path]:
 
 
 def has_tokenizer(base: Checkpoint) -> bool:
-    """Return whether the base folder holds a vocabulary that transformers can load."""
+    """Return whether the base folder contains a vocabulary file that transformers can load."""
     return any((base.folder / name).is_file() for name in TOKENIZER_VOCABULARY_FILES)
 
 

@@ -34,6 +34,10 @@ class SourceFiles:
                 raise SourceError(f"{path}: file ended at byte {offset + filled}; it changed or was truncated during the merge.")
             filled += count
 
+    def descriptor(self, path: Path) -> int:
+        """Return a read-only descriptor of ``path``, opening it on first use."""
+        return self._descriptor(path)
+
     def _descriptor(self, path: Path) -> int:
         if path not in self._descriptors:
             try:
@@ -41,6 +45,8 @@ class SourceFiles:
             except OSError as error:
                 raise SourceError(f"Cannot open {path}: {error.strerror}.") from error
             self._stack.callback(os.close, descriptor)
+            # Each source range is read once, front to back.
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             self._descriptors[path] = descriptor
         return self._descriptors[path]
 
@@ -63,9 +69,12 @@ def write_shards(plan: MergePlan, folder: Path, router_weights: torch.Tensor | N
             try:
                 writer.begin()
                 for tensor in shard.tensors:
-                    for chunk in _tensor_chunks(tensor, sources, buffer, router_weights):
-                        writer.write(chunk)
-                        progress.update(len(chunk))
+                    if _is_plain_copy(tensor):
+                        _copy_tensor(writer, tensor, sources, buffer, progress)
+                    else:
+                        for chunk in _tensor_chunks(tensor, sources, buffer, router_weights):
+                            writer.write(chunk)
+                            progress.update(len(chunk))
                     writer.end_tensor()
                 written.append(writer.finish())
             except BaseException:
@@ -73,6 +82,23 @@ def write_shards(plan: MergePlan, folder: Path, router_weights: torch.Tensor | N
                 raise
             logger.debug("Wrote %s", writer.final_path)
     return written
+
+
+def _is_plain_copy(tensor: PlannedTensor) -> bool:
+    return isinstance(tensor.source, FileSource) and tensor.transform.is_copy_of(tensor.source.dtype)
+
+
+def _copy_tensor(writer: ShardWriter, tensor: PlannedTensor, sources: SourceFiles, buffer: bytearray, progress) -> None:
+    # Unchanged bytes go through copy_file_range in steps of one chunk, so
+    # that progress and page cache writeback advance steadily.
+    for segment in tensor.source.segments:
+        descriptor = sources.descriptor(segment.path)
+        position = 0
+        while position < segment.nbytes:
+            count = min(len(buffer), segment.nbytes - position)
+            writer.copy_from(descriptor, segment.path, segment.offset + position, count, buffer)
+            progress.update(count)
+            position += count
 
 
 def _tensor_chunks(tensor: PlannedTensor, sources: SourceFiles, buffer: bytearray, router_weights: torch.Tensor | None):

@@ -14,6 +14,7 @@ from .errors import ConfigError, PlanError
 from .memory_budget import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SHARD_SIZE,
+    LIBRARY_WARMUP_BYTES,
     MemoryBudget,
     cheap_embed_bytes,
     router_bytes,
@@ -77,7 +78,7 @@ def build_plan(config: MergeConfig, sources: MergeSources, options: PlanOptions)
         chunk_size=options.chunk_size,
         bytes_read=bytes_read,
         bytes_written=bytes_written,
-        expected_peak_memory=baseline + budget.total_bytes,
+        expected_peak_memory=baseline + LIBRARY_WARMUP_BYTES + budget.total_bytes,
     )
 
 

@@ -75,13 +75,17 @@ def read_header(path: Path) -> SafetensorsHeader:
 
     try:
         header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        # ValueError covers JSONDecodeError and integers above Python's
+        # digit limit. RecursionError covers deeply nested arrays.
         raise SourceError(f"{path}: header is not valid UTF-8 JSON ({error}).") from error
     if not isinstance(header, dict):
         raise SourceError(f"{path}: header must be a JSON object, got {type(header).__name__}.")
 
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
         raise SourceError(f"{path}: __metadata__ must be a JSON object of strings.")
 
     data_start = 8 + header_size
@@ -97,7 +101,7 @@ def _parse_entry(path: Path, name: str, fields: object, data_start: int, data_si
         raise SourceError(f"{where}: header entry must be a JSON object.")
 
     dtype = fields.get("dtype")
-    if dtype not in ITEM_SIZES:
+    if not isinstance(dtype, str) or dtype not in ITEM_SIZES:
         raise SourceError(f"{where}: unknown dtype {dtype!r}.")
 
     shape = fields.get("shape")

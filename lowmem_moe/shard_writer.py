@@ -8,11 +8,17 @@ import enum
 import os
 from pathlib import Path
 
-from .errors import OutputError
+from .byte_copy import copy_range
+from .errors import OutputError, SourceError
 from .plan import PlannedShard, PlannedTensor
 from .shard_format import shard_header_bytes
 
 PARTIAL_SUFFIX = ".partial"
+
+# Written bytes are flushed to disk and dropped from the page cache every
+# this many bytes, so that a 200 GB merge does not fill memory with dirty
+# pages and stall the rest of the machine when the kernel writes them back.
+WRITEBACK_INTERVAL = 256 * 1024**2
 
 
 class ShardState(enum.Enum):
@@ -39,6 +45,8 @@ class ShardWriter:
         self._header_size = 0
         self._tensor_index = 0
         self._tensor_written = 0  # bytes of the current tensor written so far
+        self._file_written = 0  # bytes of the file written so far, header included
+        self._flushed = 0  # bytes of the file already flushed and dropped from the page cache
 
     @property
     def current_tensor(self) -> PlannedTensor:
@@ -58,20 +66,32 @@ class ShardWriter:
             self._close_quietly()
             raise _output_error(self.partial_path, error) from error
         self._header_size = len(header)
+        self._file_written = len(header)
         self.state = ShardState.WRITING
 
     def write(self, data: memoryview) -> None:
         """Append bytes of the current tensor."""
-        tensor = self.current_tensor
-        if self._tensor_written + len(data) > tensor.nbytes:
-            raise RuntimeError(
-                f"{self.shard.file_name}: tensor {tensor.name!r} would get more than its {tensor.nbytes} bytes"
-            )
+        self._check_room(len(data))
         try:
             _write_all(self._file, data)
         except OSError as error:
             raise _output_error(self.partial_path, error) from error
-        self._tensor_written += len(data)
+        self._advance(len(data))
+
+    def copy_from(self, source: int, source_path: Path, offset: int, count: int, buffer: bytearray) -> None:
+        """Append ``count`` bytes of the open file ``source`` from ``offset`` to the current tensor.
+
+        The kernel copies the bytes where the filesystems allow it, so they
+        need not pass through Python. ``buffer`` serves the fallback copy.
+        """
+        self._check_room(count)
+        try:
+            copy_range(source, offset, self._file.fileno(), count, buffer)
+        except EOFError as error:
+            raise SourceError(f"{source_path}: file is shorter than its header says ({error}).") from error
+        except OSError as error:
+            raise _output_error(self.partial_path, error) from error
+        self._advance(count)
 
     def end_tensor(self) -> None:
         """Check that the current tensor got exactly its planned bytes and move to the next."""
@@ -113,6 +133,25 @@ class ShardWriter:
         except FileNotFoundError:
             pass
         self.state = ShardState.ABORTED
+
+    def _check_room(self, count: int) -> None:
+        tensor = self.current_tensor
+        if self._tensor_written + count > tensor.nbytes:
+            raise RuntimeError(
+                f"{self.shard.file_name}: tensor {tensor.name!r} would get more than its {tensor.nbytes} bytes"
+            )
+
+    def _advance(self, count: int) -> None:
+        self._tensor_written += count
+        self._file_written += count
+        if self._file_written - self._flushed >= WRITEBACK_INTERVAL:
+            descriptor = self._file.fileno()
+            try:
+                os.fdatasync(descriptor)
+            except OSError as error:
+                raise _output_error(self.partial_path, error) from error
+            os.posix_fadvise(descriptor, self._flushed, self._file_written - self._flushed, os.POSIX_FADV_DONTNEED)
+            self._flushed = self._file_written
 
     def _expect(self, state: ShardState, action: str) -> None:
         if self.state is not state:

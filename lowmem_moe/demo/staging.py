@@ -48,7 +48,3 @@ def staged_folder(final: Path) -> Iterator[Path]:
     if replaced.exists():
         shutil.rmtree(replaced)
 
-
-def folder_size_bytes(folder: Path) -> int:
-    """Return the summed size in bytes of the regular files under ``folder``."""
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())

@@ -1,0 +1,88 @@
+"""Load the merged MoE checkpoint and generate replies with greedy decoding."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lowmem_moe.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 30
+
+# One prompt per fine-tuned domain, as (domain, prompt).
+DEMO_PROMPTS = (
+    ("math", "What is 15% of 240? Explain step by step."),
+    ("code", "Write a Python function that checks whether a number is prime."),
+    ("chat", "I had a rough day at work. Any advice?"),
+)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A prompt, the model's greedy continuation and how the router spread it."""
+
+    domain: str
+    prompt: str
+    text: str
+    # Fraction of all top-k expert slots, over prompt tokens and layers,
+    # that went to each expert, in the order of the merge YAML's experts.
+    expert_shares: tuple[float, ...]
+
+
+def load_merged_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the merged checkpoint and its tokenizer in float32 for CPU inference.
+
+    Raises:
+        UserError: The folder has no tokenizer or no loadable model.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(f"Cannot load a tokenizer from the merged folder {model_dir}: {error}") from error
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    logger.info("Loaded %s with %d experts", type(model).__name__, model.config.num_local_experts)
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def generate_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    domain: str,
+    prompt: str,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> Reply:
+    """Apply the chat template to ``prompt`` and decode greedily up to ``max_new_tokens`` tokens."""
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    prompt_length = inputs["input_ids"].shape[1]
+
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)  # (1, prompt + new)
+    text = tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+
+    return Reply(domain=domain, prompt=prompt, text=text.strip(), expert_shares=_expert_shares(model, inputs))
+
+
+def _expert_shares(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> tuple[float, ...]:
+    num_experts = model.config.num_local_experts
+    top_k = model.config.num_experts_per_tok
+
+    outputs = model(**inputs, output_router_logits=True)
+    picks = torch.zeros(num_experts)
+    for layer_logits in outputs.router_logits:  # (tokens, experts) per layer
+        chosen = layer_logits.topk(top_k, dim=-1).indices.flatten()
+        picks += torch.bincount(chosen, minlength=num_experts).float()
+
+    return tuple((picks / picks.sum()).tolist())
