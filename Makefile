@@ -31,3 +31,26 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache demo-output benchmarks/work
+
+# Benchmarks write into benchmarks/work/ (ignored by git) and regenerate
+# benchmarks/RESULTS.md from the JSON files in benchmarks/results/.
+# sentencepiece is needed by llama.cpp's convert_hf_to_gguf.py, which
+# `make bench` runs as a downstream check.
+bench: $(STAMP)
+	$(PIP) install -r benchmarks/requirements.txt
+	$(VENV)/bin/python -m benchmarks.run_bench
+
+# mergekit-moe gets a virtual environment of its own, with the same torch
+# build installed first so that pip does not pull a CUDA build.
+PEER_VENV := benchmarks/work/peer-venv
+MERGEKIT_SPEC ?= mergekit==0.1.5
+PEER_STAMP := $(PEER_VENV)/.mergekit-installed
+
+$(PEER_STAMP):
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -c "import torch" 2>/dev/null || $(PEER_VENV)/bin/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PEER_VENV)/bin/python -m pip install "$(MERGEKIT_SPEC)"
+	touch $(PEER_STAMP)
+
+bench-peer: $(STAMP) $(PEER_STAMP)
+	$(VENV)/bin/python -m benchmarks.peer

@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .dtypes import dtype_code_from_name, torch_dtype
 from .errors import UserError
 from .memory_budget import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, MIN_CHUNK_SIZE
 from .merge import disk_bytes_needed, free_disk_bytes, prepare_merge, run_merge
 from .plan_report import format_bytes, plan_summary, plan_tensor_lines
 from .planner import PlanOptions
+from .routing_report import format_routes, route_prompts
 
 logger = logging.getLogger("lowmem_moe")
 
@@ -63,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_arguments(plan)
     plan.add_argument("--tensors", action="store_true", help="also list every output tensor and its source bytes")
     plan.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+
+    routes = commands.add_parser("routes", help="show which experts a merged model routes given prompts to")
+    routes.add_argument("model", type=Path, metavar="OUT_DIR", help="merged model folder")
+    routes.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt texts")
+    routes.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype in which the layers run; bfloat16 halves the memory of a layer (default: float32)",
+    )
+    routes.add_argument("--layers", action="store_true", help="show the shares of every layer, not only the total")
+    routes.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    routes.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return parser
 
 
@@ -82,6 +97,13 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"bytes read from a source per step; memory use grows with it (default: {format_bytes(DEFAULT_CHUNK_SIZE)})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for random gates and noise (default: 0)")
+    parser.add_argument(
+        "--gate-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype in which the hidden gate modes run the base model; bfloat16 halves the memory of a layer "
+        "(default: float32)",
+    )
     parser.add_argument(
         "--drop-config-field",
         action="append",
@@ -104,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
+    if args.command == "routes":
+        return _run_reporting_errors(lambda: _routes_command(args), args.model)
     if args.chunk_size < MIN_CHUNK_SIZE:
         logger.error("--chunk-size must be at least %s.", format_bytes(MIN_CHUNK_SIZE))
         return 2
@@ -114,17 +138,29 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         dropped_config_fields=frozenset(args.drop_config_field),
         allow_identical_experts=args.allow_identical_experts,
+        gate_dtype=dtype_code_from_name(args.gate_dtype),
     )
+    if args.command == "plan":
+        return _run_reporting_errors(lambda: _plan_command(args, options), args.out_dir)
+    return _run_reporting_errors(lambda: _merge_command(args, options), args.out_dir)
+
+
+def _run_reporting_errors(command, out_dir: Path) -> int:
+    # A user mistake prints one message and no traceback.
     try:
-        if args.command == "plan":
-            return _plan_command(args, options)
-        return _merge_command(args, options)
+        return command()
     except UserError as error:
         logger.error("%s", error)
         return 1
     except KeyboardInterrupt:
-        logger.error("Interrupted. Nothing was left at %s.", args.out_dir)
+        logger.error("Interrupted. %s is unchanged.", out_dir)
         return 130
+
+
+def _routes_command(args: argparse.Namespace) -> int:
+    routes = route_prompts(args.model, args.prompts, torch_dtype(dtype_code_from_name(args.dtype)))
+    print(format_routes(routes, per_layer=args.layers))
+    return 0
 
 
 def _plan_command(args: argparse.Namespace, options: PlanOptions) -> int:

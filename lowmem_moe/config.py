@@ -23,8 +23,6 @@ logger = logging.getLogger(__name__)
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 # Modes whose router vectors do not come from prompts.
 PROMPTLESS_GATE_MODES = ("random", "uniform_random")
-# TODO: the layer-by-layer hidden-state pass; until then these modes are rejected.
-UNSUPPORTED_GATE_MODES = ("hidden", "hidden_avg", "hidden_last")
 
 TOP_LEVEL_KEYS = (
     "base_model",
@@ -129,15 +127,6 @@ class _Parser:
                     f"unknown gate_mode {gate_mode!r}. Known modes: {', '.join(GATE_MODES)}"
                     f"{_suggestion(gate_mode, GATE_MODES)}",
                 )
-        if gate_mode in UNSUPPORTED_GATE_MODES:
-            node = fields.get("gate_mode", root)
-            default_note = " (the default when gate_mode is not set)" if "gate_mode" not in fields else ""
-            raise self._error(
-                node,
-                f"gate_mode {gate_mode!r}{default_note} is not supported yet. "
-                "Set gate_mode to cheap_embed, random or uniform_random",
-            )
-
         dtype = None
         if "dtype" in fields and not self._is_null(fields["dtype"]):
             dtype_name = self._string(fields["dtype"], "dtype")

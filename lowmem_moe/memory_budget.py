@@ -46,6 +46,17 @@ def router_bytes(num_layers: int, num_experts: int, hidden_size: int) -> int:
     return 4 * num_layers * num_experts * hidden_size
 
 
+def hidden_pass_bytes(layer_parameters: int, compute_item_size: int, hidden_size: int, max_prompt_tokens: int) -> int:
+    """Return the working memory of the hidden gate pass.
+
+    One decoder layer's weights in the compute dtype, plus one prompt's
+    states and the layer's activations for it. The MLP activations of a
+    prompt are bounded here by 16 hidden-size rows per token, an estimate
+    that covers intermediate sizes up to 4 times the hidden size.
+    """
+    return layer_parameters * compute_item_size + 16 * 4 * hidden_size * max_prompt_tokens
+
+
 def cheap_embed_bytes(num_experts: int, hidden_size: int, chunk_size: int) -> int:
     """Return the working memory of the cheap_embed gate pass.
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import MergeConfig, load_merge_config
-from .errors import OutputError, PlanError
+from .dtypes import torch_dtype
+from .errors import OutputError, PlanError, UserError
 from .gates import compute_router_weights
 from .model_card import model_card
 from .output_files import copy_base_files, has_tokenizer, metadata_file_sizes, write_config, write_index
@@ -85,7 +86,13 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
             f"{free:,} are free. Free at least {needed + DISK_MARGIN_BYTES - free:,} bytes or choose another OUT_DIR."
         )
 
-    router_weights = compute_router_weights(prepared.config, prepared.sources, options.seed)
+    router_weights = compute_router_weights(
+        prepared.config,
+        prepared.sources,
+        options.seed,
+        scratch_folder=output.target.parent,
+        compute_dtype=torch_dtype(options.gate_dtype),
+    )
 
     staging = output.create()
     try:
@@ -97,7 +104,10 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
         published = output.publish()
     except OSError as error:
         output.discard()
-        raise OutputError(f"Writing the output failed: {error}. Nothing was left at {out_dir}.") from error
+        raise OutputError(f"Writing the output failed: {error}. {out_dir} is unchanged.") from error
+    except UserError as error:
+        output.discard()
+        raise type(error)(f"{error} {out_dir} is unchanged.") from error
     except BaseException:
         output.discard()
         raise

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
+from .errors import OutputError
 from .plan import MergePlan
 from .shard_format import INDEX_NAME
 
@@ -69,9 +70,13 @@ def copy_base_files(base: Checkpoint, folder: Path) -> list[str]:
     copied = []
     generation_config = base.folder / GENERATION_CONFIG
     for source in [*tokenizer_files(base), generation_config]:
-        if source.is_file():
+        if not source.is_file():
+            continue
+        try:
             shutil.copyfile(source, folder / source.name)
-            copied.append(source.name)
+        except OSError as error:
+            raise OutputError(f"Copying {source} into the output failed: {error.strerror or error}.") from error
+        copied.append(source.name)
     logger.info("Copied from the base model: %s", ", ".join(copied) or "nothing")
     return copied
 

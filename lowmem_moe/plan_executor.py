@@ -6,13 +6,13 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .chunk_transform import transform_chunk
 from .dtypes import ITEM_SIZES
 from .errors import SourceError
 from .plan import FileSource, GateSource, MergePlan, PlannedTensor
 from .shard_writer import ShardWriter
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def write_shards(plan: MergePlan, folder: Path, router_weights: torch.Tensor | N
     # The one reusable read buffer of the copy phase; see memory_budget.
     buffer = bytearray(plan.chunk_size)
     written = []
-    progress = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="Writing shards")
+    progress = progress_bar(total=plan.bytes_written, unit="B", unit_scale=True, desc="Writing shards")
     with ExitStack() as stack, progress:
         sources = SourceFiles(stack)
         for shard in plan.shards:

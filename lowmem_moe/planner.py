@@ -17,6 +17,7 @@ from .memory_budget import (
     LIBRARY_WARMUP_BYTES,
     MemoryBudget,
     cheap_embed_bytes,
+    hidden_pass_bytes,
     router_bytes,
 )
 from .plan import FileSource, GateSource, MergePlan, PlannedShard, PlannedTensor, Segment, Transform
@@ -37,6 +38,7 @@ class PlanOptions:
     seed: int = 0
     dropped_config_fields: frozenset[str] = field(default_factory=frozenset)
     allow_identical_experts: bool = False
+    gate_dtype: str = "F32"  # safetensors code of the dtype the hidden gate pass computes in
 
 
 def build_plan(config: MergeConfig, sources: MergeSources, options: PlanOptions) -> MergePlan:
@@ -63,7 +65,7 @@ def build_plan(config: MergeConfig, sources: MergeSources, options: PlanOptions)
     budget = MemoryBudget(
         chunk_size=options.chunk_size,
         router_bytes=router_bytes(base.num_hidden_layers, len(config.experts), base.hidden_size),
-        gate_pass_bytes=cheap_embed_bytes(len(config.experts), base.hidden_size, options.chunk_size),
+        gate_pass_bytes=_gate_pass_bytes(config, sources, options),
     )
     # The estimate starts from this process's current RSS, which already
     # includes the imported libraries that the merge uses.
@@ -80,6 +82,19 @@ def build_plan(config: MergeConfig, sources: MergeSources, options: PlanOptions)
         bytes_written=bytes_written,
         expected_peak_memory=baseline + LIBRARY_WARMUP_BYTES + budget.total_bytes,
     )
+
+
+def _gate_pass_bytes(config: MergeConfig, sources: MergeSources, options: PlanOptions) -> int:
+    base = sources.base
+    if not config.gate_mode.startswith("hidden"):
+        return cheap_embed_bytes(len(config.experts), base.config.hidden_size, options.chunk_size)
+
+    # Layer 0 stands for every layer: decoder layers of one model share shapes.
+    layer_parameters = sum(
+        math.prod(base.locate(name).entry.shape) for name in base.tensor_names if name.startswith("model.layers.0.")
+    )
+    # Tokens are not counted before the tokenizer runs, so assume 512 per prompt.
+    return hidden_pass_bytes(layer_parameters, ITEM_SIZES[options.gate_dtype], base.config.hidden_size, 512)
 
 
 def _check_experts_distinct(config: MergeConfig, sources: MergeSources, options: PlanOptions) -> None:

@@ -4,7 +4,7 @@ Two peak-memory numbers are reported because each misses something:
 
 * The sampled peak is the maximum, over samples taken every
   ``sample_interval_s``, of the summed resident set size (RSS) of the
-  process and all its live descendants. It sees memory held by children
+  process and all its live descendants. It includes memory held by children
   that run at the same time, but it misses spikes shorter than the
   interval, and it counts a page shared by two processes (shared libraries,
   copy-on-write after fork) once per process.
@@ -107,7 +107,7 @@ def run_measured(
         ValueError: ``command`` is empty or ``sample_interval_s`` is not positive.
     """
     if not command:
-        raise ValueError("command is empty; pass the program and its arguments")
+        raise ValueError("command is empty. Pass the program and its arguments.")
     if sample_interval_s <= 0:
         raise ValueError(f"sample_interval_s must be positive, got {sample_interval_s}")
 

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny real checkpoints written to temporary folders."""
 
+import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +16,15 @@ def offline_hub(monkeypatch):
     """Keep transformers from reaching for the network in any test."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def package_logging():
+    """Undo the handlers and propagation that an in-process CLI run sets, so caplog sees every record."""
+    logger = logging.getLogger("lowmem_moe")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 TOKENIZER_TEXT = [
     "the quick brown fox jumps over the lazy dog",
@@ -23,7 +23,7 @@ TOKENIZER_TEXT = [
 class TinyModelSpec:
     """Shape and options of a tiny Llama or Mistral checkpoint."""
 
-    model_type: str = "llama"
+    model_type: str = "llama"  # any transformers model_type with a causal LM class
     hidden_size: int = 64
     intermediate_size: int = 96
     num_hidden_layers: int = 2
@@ -63,9 +63,6 @@ def make_model(folder: Path, spec: TinyModelSpec, seed: int = 0, mlp_seed: int |
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(folder, spec.vocab_size, spec.bos_token)
 
-    config_class, model_class = (
-        (LlamaConfig, LlamaForCausalLM) if spec.model_type == "llama" else (MistralConfig, MistralForCausalLM)
-    )
     config_kwargs = dict(
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -81,15 +78,18 @@ def make_model(folder: Path, spec: TinyModelSpec, seed: int = 0, mlp_seed: int |
     )
     if spec.rope_scaling:
         config_kwargs["rope_parameters"] = {"rope_theta": 50000.0, **spec.rope_scaling}
-    config = config_class(**config_kwargs, **spec.extra_config)
+    config = AutoConfig.for_model(spec.model_type, **config_kwargs, **spec.extra_config)
 
     torch.manual_seed(seed)
-    model = model_class(config).to(spec.dtype)
+    model = AutoModelForCausalLM.from_config(config).to(spec.dtype)
     with torch.no_grad():
-        # Norm weights start at one; random values make a mix-up visible.
+        # Norms start at one and biases at zero; random values make a
+        # mix-up or a dropped tensor visible.
         for name, parameter in model.named_parameters():
             if "norm" in name:
                 parameter.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                parameter.normal_(0.0, 0.1)
         if mlp_seed is not None:
             generator = torch.Generator().manual_seed(mlp_seed)
             for name, parameter in model.named_parameters():

@@ -362,18 +362,23 @@ def test_unknown_gate_mode_suggests_closest(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "hidden_last"])
-def test_hidden_gate_mode_not_supported(tmp_path, mode):
-    message = load_error(tmp_path, TWO_RANDOM_EXPERTS.replace("gate_mode: random", f"gate_mode: {mode}"))
-    assert f"gate_mode {mode!r}" in message
-    assert "not supported yet" in message
-    assert "cheap_embed" in message
+def test_hidden_gate_modes_accepted(tmp_path, mode):
+    text = cheap_embed_yaml('      - "algebra"').replace("gate_mode: cheap_embed", f"gate_mode: {mode}")
+    config = load_merge_config(write(tmp_path, text))
+    assert config.gate_mode == mode
 
 
 def test_absent_gate_mode_means_hidden(tmp_path):
+    text = cheap_embed_yaml('      - "algebra"').replace("gate_mode: cheap_embed\n", "")
+    config = load_merge_config(write(tmp_path, text))
+    assert config.gate_mode == "hidden"
+
+
+def test_absent_gate_mode_needs_prompts(tmp_path):
     message = load_error(tmp_path, TWO_RANDOM_EXPERTS.replace("gate_mode: random\n", ""))
-    assert "'hidden'" in message
-    assert "the default when gate_mode is not set" in message
-    assert "not supported yet" in message
+    assert "experts[0] has no positive_prompts" in message
+    assert "gate_mode 'hidden'" in message
+    assert "line 3, column 5" in message
 
 
 def test_uniform_random_needs_no_prompts(tmp_path):

@@ -102,3 +102,47 @@ def test_merge_peak_rss_bounded(large_sources, tmp_path):
     assert index["metadata"]["total_size"] > 2 * largest_output_tensor
     assert largest_output_tensor > 128 * 1024**2
     assert merge_peak < bound, f"peak {merge_peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
+
+
+# A float32 decoder layer of this shape has 44 M parameters, 176 MB, and the
+# whole model about 1.2 GB, so holding two layers passes and holding the
+# model fails.
+GATE_SHAPE = ModelShape(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    num_hidden_layers=4,
+    dtype="F32",
+)
+
+
+def layer_bytes(shape: ModelShape) -> int:
+    kv = shape.num_key_value_heads * shape.head_dim
+    parameters = 2 * shape.hidden_size**2 + 2 * kv * shape.hidden_size + 3 * shape.hidden_size * shape.intermediate_size
+    return 4 * parameters
+
+
+def test_hidden_gate_pass_holds_one_layer(tmp_path):
+    base = write_synthetic_model(tmp_path / "base", GATE_SHAPE, seed=0)
+    make_tokenizer(base, vocab_size=128, bos_token="<s>")
+    experts = [write_synthetic_model(tmp_path / f"e{i}", GATE_SHAPE, seed=1 + i, mlp_only=True) for i in range(2)]
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        "base_model: base\ngate_mode: hidden\nexperts:\n"
+        f"  - source_model: {experts[0].name}\n    positive_prompts: [\"solve the equation\", \"numbers\"]\n"
+        f"  - source_model: {experts[1].name}\n    positive_prompts: [\"python code\"]\n"
+    )
+
+    baseline = peak_rss([sys.executable, "-c", BASELINE_SCRIPT, str(base)])
+    merge_peak = peak_rss(
+        [sys.executable, "-m", "lowmem_moe.cli", "merge", str(config), str(tmp_path / "out"), "--chunk-size", str(CHUNK_SIZE)]
+    )
+    one_layer = layer_bytes(GATE_SHAPE)
+    bound = baseline + 2 * one_layer + MARGIN_BYTES
+    model_bytes = (base / "model.safetensors").stat().st_size
+
+    # Loading the whole base model would break the bound.
+    assert model_bytes > 2 * one_layer + MARGIN_BYTES
+    assert merge_peak < bound, f"peak {merge_peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"

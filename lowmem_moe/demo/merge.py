@@ -45,7 +45,7 @@ def run_merge_cli(config_path: Path, output_dir: Path) -> RunMeasurement:
     measurement = run_measured(command)
     if measurement.returncode != 0:
         raise UserError(
-            f"lowmem-moe merge exited with code {measurement.returncode}; its messages are above. "
+            f"lowmem-moe merge failed with exit code {measurement.returncode}, see its messages above. "
             f"To rerun it alone: {' '.join(command)}"
         )
     return measurement

@@ -14,7 +14,7 @@ OUTPUT_ENV = "LOWMEM_MOE_DEMO_OUTPUT"
 
 OUTPUT_NAME = "smollm2-4x135m"
 
-# setup.cfg marks the repository root, which holds .cache/ and demo-output/.
+# setup.cfg marks the repository root, which contains .cache/ and demo-output/.
 _REPO_MARKER = "setup.cfg"
 
 
@@ -54,7 +54,7 @@ def find_repo_root() -> Path:
             return folder
 
     cwd = Path.cwd()
-    logger.info("No %s found above %s; using %s as the demo's root", _REPO_MARKER, __file__, cwd)
+    logger.info("No %s found above %s, so the demo uses %s as its root", _REPO_MARKER, __file__, cwd)
     return cwd
 
 

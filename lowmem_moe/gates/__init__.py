@@ -1,13 +1,18 @@
 """The gate pass: router weights for every layer, computed before any shard is written."""
 
 import logging
+from pathlib import Path
 
 import torch
 
 from ..config import MergeConfig
 from ..embedding_rows import EmbeddingRows
+from ..layer_stream import LayerStream
 from ..sources import MergeSources
 from .cheap_embed import cheap_embed_router_weights
+from .diagnostics import warn_similar_experts
+from .hidden_states import HIDDEN_MODES, hidden_router_weights
+from .prompt_set import collect_prompts
 from .prompt_tokens import load_tokenizer
 from .random_gates import random_router_weights, uniform_random_router_weights
 
@@ -16,8 +21,19 @@ logger = logging.getLogger(__name__)
 EMBEDDING_TENSOR = "model.embed_tokens.weight"
 
 
-def compute_router_weights(config: MergeConfig, sources: MergeSources, seed: int) -> torch.Tensor:
-    """Return float32 router weights of shape (layers, experts, hidden) for the config's gate mode."""
+def compute_router_weights(
+    config: MergeConfig,
+    sources: MergeSources,
+    seed: int,
+    scratch_folder: Path,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Return float32 router weights of shape (layers, experts, hidden) for the config's gate mode.
+
+    ``scratch_folder`` receives an unlinked temporary file for the hidden
+    modes' per-prompt states. ``compute_dtype`` is the dtype in which those
+    modes run the base model's layers.
+    """
     base = sources.base.config
     shape = (base.num_hidden_layers, len(config.experts), base.hidden_size)
     logger.info("Computing router weights with gate_mode %s", config.gate_mode)
@@ -26,9 +42,21 @@ def compute_router_weights(config: MergeConfig, sources: MergeSources, seed: int
         return random_router_weights(*shape, seed=seed)
     if config.gate_mode == "uniform_random":
         return uniform_random_router_weights(*shape, seed=seed)
+
+    tokenizer = load_tokenizer(sources.base.folder)
     if config.gate_mode == "cheap_embed":
-        tokenizer = load_tokenizer(sources.base.folder)
         with EmbeddingRows(sources.base, EMBEDDING_TENSOR) as embeddings:
-            return cheap_embed_router_weights(config.experts, tokenizer, embeddings, base.num_hidden_layers)
-    # Config loading rejects the hidden modes until the layer-by-layer pass exists.
-    raise NotImplementedError(f"gate_mode {config.gate_mode!r}")
+            collect_prompts(config.experts, tokenizer, embeddings.num_rows)
+            weights = cheap_embed_router_weights(config.experts, tokenizer, embeddings, base.num_hidden_layers)
+    elif config.gate_mode in HIDDEN_MODES:
+        with LayerStream(sources.base, compute_dtype) as stream:
+            prompts = collect_prompts(config.experts, tokenizer, stream.embeddings.num_rows)
+            logger.info("Running %d distinct prompts through %d layers", len(prompts), stream.num_layers)
+            weights = hidden_router_weights(
+                config.experts, prompts, stream, HIDDEN_MODES[config.gate_mode], scratch_folder
+            )
+    else:
+        raise ValueError(f"unknown gate_mode {config.gate_mode!r}")
+
+    warn_similar_experts(weights, config.experts)
+    return weights

@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import ExpertConfig
 from ..embedding_rows import EmbeddingRows
-from ..errors import SourceError, UserError
+from ..errors import SourceError
 from .prompt_tokens import prompt_token_ids
 
 logger = logging.getLogger(__name__)
@@ -42,14 +42,9 @@ def _normalised_sum(
 ) -> torch.Tensor:
     total = torch.zeros(embeddings.hidden_size, dtype=torch.float64)  # float64 so long prompt lists sum exactly enough
     for prompt in prompts:
-        token_ids = prompt_token_ids(tokenizer, prompt)
-        if not token_ids:
-            raise UserError(
-                f"{label}: prompt {prompt!r} has no tokens, because it is empty and the tokenizer has no BOS token. "
-                "Remove it or give it text."
-            )
-        _check_token_ids(token_ids, tokenizer, embeddings, label, prompt)
-        for token_id in token_ids:
+        # collect_prompts has checked that every prompt has tokens and that
+        # each token has an embedding row.
+        for token_id in prompt_token_ids(tokenizer, prompt):
             row = embeddings.row(token_id)
             if not torch.isfinite(row).all():
                 raise SourceError(
@@ -59,16 +54,3 @@ def _normalised_sum(
             total += row
     total = total.to(torch.float32)
     return total / total.norm().clamp(min=1e-8)
-
-
-def _check_token_ids(
-    token_ids: list[int], tokenizer: PreTrainedTokenizerBase, embeddings: EmbeddingRows, label: str, prompt: str
-) -> None:
-    outside = sorted({t for t in token_ids if t >= embeddings.num_rows})
-    if outside:
-        names = ", ".join(f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t})" for t in outside)
-        raise UserError(
-            f"{label}: prompt {prompt!r} has tokens beyond the {embeddings.num_rows} rows of the base's "
-            f"{embeddings.tensor_name!r}: {names}. They were probably added to the tokenizer without embedding "
-            "rows. Remove them from the prompt."
-        )
