@@ -68,6 +68,7 @@ class Checkpoint:
             raise SourceError(f"{folder}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found.")
 
         if weight_map is None:
+            _check_link_target(single_path, folder.resolve(), str(single_path))
             header = read_header(single_path)
             weight_map = {name: single_path for name in header.tensors}
             headers = [header]
@@ -121,9 +122,9 @@ def _read_index(folder: Path, index_path: Path) -> dict[str, Path]:
 def _shard_path(index_path: Path, resolved_folder: Path, tensor_name: str, file_name: object) -> Path:
     # A shard must be named by a path inside the model folder, so that a
     # downloaded index cannot make us read arbitrary files. Absolute names,
-    # ".." parts and subfolders that are symlinks leading out are rejected.
-    # The shard file itself may be a symlink, because the Hugging Face cache
-    # links every file of a snapshot folder to a blob in ../../blobs.
+    # ".." parts and subfolders that are symlinks leading out are rejected,
+    # and so is a shard symlink leading out, except into the blob store of a
+    # Hugging Face cache snapshot (see _check_link_target).
     if not isinstance(file_name, str) or not file_name or "\0" in file_name or os.path.isabs(file_name):
         raise SourceError(f"{index_path}: tensor {tensor_name!r} maps to an invalid file name {file_name!r}.")
     path = resolved_folder / file_name
@@ -134,7 +135,24 @@ def _shard_path(index_path: Path, resolved_folder: Path, tensor_name: str, file_
         )
     if not path.is_file():
         raise SourceError(f"{index_path}: shard {file_name!r} (for tensor {tensor_name!r}) not found.")
+    _check_link_target(path, resolved_folder, f"{index_path}: shard {file_name!r}")
     return path
+
+
+def _check_link_target(path: Path, resolved_folder: Path, label: str) -> None:
+    """Raise SourceError when ``path`` resolves outside the model folder.
+
+    The one exception is the Hugging Face cache layout, where every file of
+    ``<repo>/snapshots/<revision>/`` links to ``<repo>/blobs/<hash>``.
+    """
+    target = path.resolve()
+    if resolved_folder in target.parents:
+        return
+    if resolved_folder.parent.name == "snapshots":
+        blobs = resolved_folder.parent.parent / "blobs"
+        if target.parent == blobs:
+            return
+    raise SourceError(f"{label} is a symlink to {target}, which lies outside the model folder.")
 
 
 def _entry_in(headers: list[SafetensorsHeader], path: Path, name: str) -> TensorEntry:

@@ -188,6 +188,43 @@ def test_index_symlinked_subfolder_leading_out_rejected(sharded_copy, tmp_path):
     assert "outside the model folder" in message
 
 
+def test_shard_symlink_leading_out_rejected(sharded_copy, tmp_path):
+    first = sorted(set(read_weight_map(sharded_copy).values()))[0]
+    outside = tmp_path / "outside.safetensors"
+    (sharded_copy / first).rename(outside)
+    (sharded_copy / first).symlink_to(outside)
+    message = open_error(sharded_copy)
+    assert f"'{first}'" in message
+    assert "symlink" in message
+    assert "outside the model folder" in message
+
+
+def test_single_file_symlink_leading_out_rejected(tmp_path, tiny_llama):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    (folder / "model.safetensors").symlink_to(outside)
+    message = open_error(folder)
+    assert "symlink" in message
+    assert "outside the model folder" in message
+
+
+def test_symlink_to_other_snapshot_blobs_rejected(tmp_path, sharded_model):
+    # A snapshot file may link into its own repository's blobs only.
+    repo = tmp_path / "models--tiny--llama"
+    other_blobs = tmp_path / "models--other--repo" / "blobs"
+    snapshot = repo / "snapshots" / "0123abcd"
+    other_blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for index, source in enumerate(sorted(sharded_model.iterdir())):
+        blob = other_blobs / f"blob{index:04d}"
+        shutil.copyfile(source, blob)
+        (snapshot / source.name).symlink_to(blob)
+    message = open_error(snapshot)
+    assert "outside the model folder" in message
+
+
 def test_index_dotdot_through_symlink_rejected(sharded_copy, tmp_path):
     # "link/.." is the parent of the link's target, not the model folder.
     first = redirect_first_shard(sharded_copy, "link/../shard.safetensors")
