@@ -2,9 +2,10 @@
 
 The headline merges (2 layers, 4 experts) read complete models of about
 4 GB each with the default Yi-34B shape. Scaling runs need more layers and
-experts; the layers and experts that only they use hold MLP weights alone,
-which is all that a merge reads from an expert that is not the base, so the
-bytes read and written by every merge are those of complete models.
+experts. The layers and experts that only they use contain MLP weights
+alone, because a merge reads nothing else from an expert that is not the
+base. Every merge therefore reads and writes the same bytes as it would
+with complete models.
 """
 
 from dataclasses import dataclass
@@ -13,8 +14,8 @@ from pathlib import Path
 from .merge_cases import MergeCase, merge_yaml
 from .model_store import ModelStore, SourceModel
 
-# Experts 1 to 4 hold every tensor in layers 0 and 1, as the headline merges'
-# sources; their later layers, and experts 5 and up, hold MLP weights only.
+# Experts 1 to 4 contain every tensor in layers 0 and 1, which the headline
+# merges read. Their later layers, and experts 5 and up, contain MLP weights only.
 COMPLETE_EXPERTS = 4
 COMPLETE_EXPERT_LAYERS = 2
 ALL_LAYERS = 999  # SourceModel.full_layers of the base: every layer complete

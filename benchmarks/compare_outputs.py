@@ -5,11 +5,12 @@ lowmem-moe writes per-expert tensors
 mergekit-moe 0.1.5 writes the transformers 5 layout: one
 ``model.layers.{i}.mlp.experts.gate_up_proj`` of shape
 (experts, 2 * intermediate, hidden) and one ``...experts.down_proj`` of shape
-(experts, hidden, intermediate) per layer. Its gate_up_proj is built by
-transformers' Mixtral conversion mapping, which stacks the experts' w1 and
-w3 and concatenates them on dimension 1, so rows [0, intermediate) of expert
-e are its w1 (gate_proj) and rows [intermediate, 2 * intermediate) its w3
-(up_proj). Routers are left out, because random gates differ by design.
+(experts, hidden, intermediate) per layer. transformers' Mixtral conversion
+mapping (transformers 5.25.0, used by mergekit-moe) builds gate_up_proj: it
+stacks the experts' w1 and w3, then concatenates the two on dimension 1.
+Rows [0, intermediate) of expert e are therefore its w1 (gate_proj), and
+rows [intermediate, 2 * intermediate) its w3 (up_proj). Routers are left
+out, because random gates differ by design.
 
 Tensors are read in blocks of rows through ``safe_open(...).get_slice``, so
 memory stays at two blocks, whatever the tensor size.
@@ -38,7 +39,7 @@ FUSED_DOWN = "model.layers.{layer}.mlp.experts.down_proj"
 
 @dataclass(frozen=True)
 class TensorView:
-    """A tensor of one file, or the part of a fused tensor that holds one expert's rows."""
+    """A tensor of one file, or the rows of one expert in a fused tensor."""
 
     file: Path
     name: str

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_SPEC = "llama-cpp-python==0.3.36"
 VENDOR_PREFIX = "vendor/llama.cpp/"
-# What the converter needs from the source distribution.
+# Paths, relative to the vendored llama.cpp folder, of the converter and the packages it imports.
 CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 NUM_EXPERTS = 4
 SHAPE = TinyLlamaShape()

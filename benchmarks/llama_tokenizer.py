@@ -2,7 +2,7 @@
 
 llama.cpp's convert_hf_to_gguf.py reads such a tokenizer.json as a Llama
 vocabulary (gguf-py's ``LlamaHfVocab``), while a byte-level BPE would need a
-pre-tokenizer hash that its table knows. The synthetic base models use the
+pre-tokenizer hash listed in the converter's table. The synthetic base models use the
 same tokenizer, so that mergekit-moe and the hidden gate modes can load one.
 """
 

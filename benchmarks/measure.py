@@ -1,16 +1,19 @@
 """One measured run of a command, with its output in a log file, as a record for the results."""
 
+import json
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import psutil
 
-from lowmem_moe.resource_monitor import run_measured
-
 logger = logging.getLogger(__name__)
+
+BENCHMARKS = Path(__file__).resolve().parent
 
 # Values of RunRecord.status.
 OK = "ok"
@@ -33,8 +36,8 @@ class RunRecord:
     rusage_peak_rss_bytes: int | None = None  # ru_maxrss from wait4, the largest single process
     bytes_written: int | None = None
     page_cache: str | None = None  # how the page cache was dropped before the run
-    # Other processes compete for CPU and disk: the 1-minute load average
-    # before the run, and the busy share of all cores during it.
+    # Load from other processes: the 1-minute load average before the run
+    # and the busy share of all cores during it.
     load_average: float | None = None
     system_cpu_percent: float | None = None
     log: str | None = None  # log file, relative to the work folder
@@ -76,31 +79,44 @@ def measure_logged(
 ) -> RunRecord:
     """Run ``command`` under the resource monitor with stdout and stderr in ``log_path``.
 
-    A shell opens the log and then execs the command, so the measured
-    process is the command itself. ``bytes_written`` is left for the caller.
+    The monitor runs in a small child process (see measured_run.py), so that
+    this process's memory does not enter the rusage peak. ``bytes_written``
+    is left for the caller.
+
+    Raises:
+        subprocess.CalledProcessError: the monitor itself failed, not the command.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = ["sh", "-c", 'log="$1"; shift; exec "$@" >"$log" 2>&1', "sh", str(log_path), *map(str, command)]
     logger.info("Running %s: %s", label, " ".join(map(str, command)))
     load_average = os.getloadavg()[0]
     psutil.cpu_percent(interval=None)  # starts the interval that the next call measures
-    measurement = run_measured(wrapped, env={**os.environ, **OFFLINE_ENV, **(env or {})})
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.measured_run", str(log_path), *map(str, command)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        cwd=BENCHMARKS.parent,
+        env={**os.environ, **OFFLINE_ENV, **(env or {})},
+    )
     system_cpu_percent = psutil.cpu_percent(interval=None)
-    status = OK if measurement.returncode == 0 else FAILED
+    measurement = json.loads(completed.stdout)
+
+    returncode = measurement["returncode"]
+    status = OK if returncode == 0 else FAILED
     if status == FAILED:
-        logger.error("%s exited with code %d; see %s", label, measurement.returncode, log_path)
+        logger.error("%s exited with code %d; see %s", label, returncode, log_path)
     return RunRecord(
         label=label,
         tool=tool,
         status=status,
-        wall_seconds=measurement.wall_seconds,
-        sampled_peak_rss_bytes=measurement.sampled_peak_rss_bytes,
-        rusage_peak_rss_bytes=measurement.rusage_peak_rss_bytes,
+        wall_seconds=measurement["wall_seconds"],
+        sampled_peak_rss_bytes=measurement["sampled_peak_rss_bytes"],
+        rusage_peak_rss_bytes=measurement["rusage_peak_rss_bytes"],
         page_cache=page_cache,
         load_average=load_average,
         system_cpu_percent=system_cpu_percent,
         log=os.path.relpath(log_path, work_folder),
-        note=None if status == OK else f"exit code {measurement.returncode}",
+        note=None if status == OK else f"exit code {returncode}",
     )
 
 

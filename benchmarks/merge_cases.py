@@ -42,8 +42,8 @@ class MergeCase:
 
 
 # Merges compared with cp of the same bytes: a plain copy (bfloat16 in and
-# out), a dtype conversion, and the hidden gate mode, which is recorded as
-# "not supported yet" while lowmem-moe's planner rejects it.
+# out), a dtype conversion, and the hidden gate mode. A merge that
+# `lowmem-moe plan` rejects as not supported yet is recorded as such.
 HEADLINE_CASES = (
     MergeCase("random-bf16", gate_mode="random", dtype="bfloat16"),
     MergeCase("random-f16", gate_mode="random", dtype="float16"),

@@ -1,12 +1,12 @@
 """Cached synthetic source models, stored as one safetensors file per layer.
 
 A model of N layers is a folder with config.json, model.safetensors.index.json
-and symbolic links to the files of its head and of layers 0 to N-1. Models of
-1, 2 and 4 layers made from the same seed therefore share the files of the
-layers they have in common, and the disk holds each layer once. The merge
-reads a folder like this as it reads any sharded Hugging Face checkpoint;
-lowmem-moe accepts shard files that are symbolic links, as the Hugging Face
-cache makes them.
+and hard links to the files of its head and of layers 0 to N-1. Models of 1, 2
+and 4 layers made from the same seed therefore share the files of the layers
+they have in common, and the disk stores each layer once. To the merge, such a
+folder is an ordinary sharded checkpoint. Hard links, unlike symbolic links,
+resolve inside the model folder, which lowmem-moe requires of shard files
+outside a Hugging Face cache.
 
 Files are cached under a folder named after the shape, and a file with its
 final name is always complete, because it is written under a temporary name
@@ -146,7 +146,7 @@ class ModelStore:
         for file in self.files(model, num_layers):
             if not file.path.is_file():
                 raise FileNotFoundError(f"{file.path}: cached file missing; generate it before linking the model")
-            (folder / file.path.name).symlink_to(os.path.relpath(file.path, folder))
+            os.link(file.path, folder / file.path.name)
             weight_map.update({name: file.path.name for name in file.tensors})
             total += file.data_bytes(self.shape.dtype)
 

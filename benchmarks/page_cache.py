@@ -2,8 +2,8 @@
 
 The kernel-wide drop needs root. Without it, each input file's pages are
 dropped with posix_fadvise(POSIX_FADV_DONTNEED), which any process that can
-open the file may ask for; the kernel drops clean pages only, so the dirty
-pages are written back first.
+open the file may call. The kernel drops clean pages only, so dirty pages
+are written back first.
 """
 
 import logging

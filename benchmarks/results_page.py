@@ -28,8 +28,9 @@ the whole page. Change the template in `benchmarks/results_page.py`, not this fi
 Units: MB and GB are 10^6 and 10^9 bytes. Throughput is bytes written per second of wall time.
 Peak RSS is measured by `lowmem_moe/resource_monitor.py` in two ways: "sampled" sums the resident
 set size of the process and its children every 50 ms (it can miss short spikes), and "rusage" is
-the kernel's `ru_maxrss` of the process from `wait4` (every spike, but of one process). Targets
-use the larger of the two. "CPU busy %" is the busy share of all cores during a run (psutil), so
+the kernel's `ru_maxrss` of the process from `wait4` (every spike, but of one process, and at
+least the RSS of the process that started it, about 16 MB here: see `benchmarks/measured_run.py`).
+Targets use the larger of the two. "CPU busy %" is the busy share of all cores during a run (psutil), so
 it shows when other processes competed with the measured one.
 """
 
@@ -38,11 +39,10 @@ BENCH_METHOD = """### Method
 - **Sources.** Synthetic Llama models (Yi-34B's shape unless `--smoke`): hidden size {hidden_size}, intermediate
   size {intermediate_size}, {num_attention_heads} attention heads, {num_key_value_heads} KV heads,
   vocabulary {vocab_size}, {dtype}, random normal values (`benchmarks/synthetic_checkpoint.py`).
-  A complete 2-layer model is {model_gb:.1f} GB. The base has a small Llama-style tokenizer.
+  A complete 2-layer model is {model_gb:.2f} GB. The base has a small Llama-style tokenizer.
 - **Layer files.** `benchmarks/model_store.py` caches each model's head (embeddings, final norm,
   lm_head) and each decoder layer in a file of its own, and builds a model of N layers as a folder
-  of symbolic links to the head and layers 0 to N-1, with an index and a config that says N
-  layers. The 1-, 2- and 4-layer merges therefore read the same bytes for the layers they share,
+  of hard links to the head and layers 0 to N-1, with an index and a config that says N layers. The 1-, 2- and 4-layer merges therefore read the same bytes for the layers they share,
   and the disk holds each layer once. Experts 1 to 4 are complete models in layers 0 and 1 (the
   headline merges read these). Layers 2 and 3 of those experts, and every layer of experts 5 to
   8, which only the scaling merges read, hold the MLP weights alone: a merge reads nothing else
@@ -72,7 +72,10 @@ PEER_METHOD = """### Method
 - **Inputs.** The same synthetic models and YAML as `make bench` (4 experts, 2 layers,
   Yi-34B shape, bfloat16), with absolute paths so that both tools read the same folders.
 - **mergekit-moe** runs from its own virtual environment (`benchmarks/work/peer-venv`) as
-  `mergekit-moe CONFIG OUT --device cpu --random-seed 0 --lazy-unpickle`. `--lazy-unpickle` only
+  `mergekit-moe CONFIG OUT --device cpu --random-seed 0 --lazy-unpickle`, followed in the same
+  measured command by `sync FILE...` on its output files: mergekit-moe's Python code calls no
+  fsync, and lowmem-moe calls fsync on each shard, so both are timed until the output is on
+  disk. `--lazy-unpickle` only
   changes how PyTorch `.bin` files load and does nothing for safetensors sources. mergekit-moe's
   `--out-shard-size` default of 5B is compared with tensor bytes by its writer, so both tools cut
   shards at 5e9 bytes. lowmem-moe runs with its defaults and `--seed 0`.

@@ -62,9 +62,11 @@ def peer_targets(peer: dict[str, Any]) -> list[TargetResult]:
         lowmem = RunRecord.from_json(row["lowmem"])
         mergekit = RunRecord.from_json(row["mergekit"]) if row.get("mergekit") else None
         target = "peak RSS at least 10x lower than mergekit-moe's"
-        if lowmem.status != OK or mergekit is None or mergekit.status != OK:
-            status = lowmem.status if lowmem.status != OK else (mergekit.status if mergekit else "not run")
-            results.append(TargetResult(target, name, status, None))
+        if lowmem.status != OK:
+            results.append(TargetResult(target, name, lowmem.status, None))
+            continue
+        if mergekit is None or mergekit.status != OK:
+            results.append(TargetResult(target, name, mergekit.status if mergekit else "not run", None))
             continue
         advantage = mergekit.peak_rss_bytes / lowmem.peak_rss_bytes
         measured = f"{advantage:.1f}x ({lowmem.peak_rss_bytes / 1e6:.0f} MB against {mergekit.peak_rss_bytes / 1e6:.0f} MB)"

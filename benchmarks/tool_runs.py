@@ -1,9 +1,11 @@
 """Measured runs of each tool: lowmem-moe plan and merge, cp, mergekit-moe.
 
 Every run starts from a dropped page cache, so that each reads its input
-from disk, and every tool that writes a model flushes it to disk before it
+from disk. Every run that writes a model also flushes it to disk before it
 exits: lowmem-moe calls fsync on each shard, and the cp run ends with
-``sync FILE...``, which calls fsync on each copied file.
+``sync FILE...``, which calls fsync on each copied file. mergekit-moe 0.1.5
+calls no fsync in its Python code, so its run is followed by ``sync FILE...``
+on its output files in the same measured command.
 """
 
 import json
@@ -21,7 +23,7 @@ from .page_cache import drop_page_cache
 logger = logging.getLogger(__name__)
 
 LOWMEM_COMMAND = (sys.executable, "-m", "lowmem_moe.cli")
-# lowmem-moe rejects gate modes that are not built yet with this phrase.
+# The phrase in lowmem-moe's error for a feature that is not built yet.
 NOT_SUPPORTED_PHRASE = "not supported yet"
 SEED = 0
 # Room left free beyond the bytes a run writes.
@@ -111,13 +113,16 @@ def measure_mergekit(
     """Measure mergekit-moe on CPU into a new ``out_dir``.
 
     ``--lazy-unpickle`` only changes how PyTorch .bin files load, so it does
-    not matter for safetensors sources; it is passed as a user who wants low
-    memory would. Shards keep mergekit-moe's default limit of 5e9 bytes,
-    the same as lowmem-moe's default.
+    nothing for safetensors sources. It is passed as a user who wants low
+    memory would pass it. Shards keep mergekit-moe's default limit of 5e9
+    bytes, the same as lowmem-moe's default.
     """
     _remove(out_dir)
     cache = drop_page_cache(input_files)
-    command = [mergekit_moe, config, out_dir, "--device", "cpu", "--random-seed", str(SEED), "--lazy-unpickle"]
+    merge = [mergekit_moe, config, out_dir, "--device", "cpu", "--random-seed", str(SEED), "--lazy-unpickle"]
+    # fsync of each output file after the merge, so that both tools are timed until their output is on disk.
+    script = 'out="$1"; shift; "$@" && cd "$out" && sync -- *'
+    command = ["sh", "-c", script, "sh", out_dir, *merge]
     record = measure_logged(label, "mergekit-moe", command, work / "logs" / f"{label}.log", work, cache)
     return _with_output_size(record, out_dir)
 
@@ -135,5 +140,7 @@ def _with_output_size(record: RunRecord, folder: Path) -> RunRecord:
 
 
 def _remove(folder: Path) -> None:
+    # Clears the way for a new output: lowmem-moe needs the parent folder to exist.
     if folder.exists():
         shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)

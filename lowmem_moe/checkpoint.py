@@ -9,12 +9,18 @@ from pathlib import Path, PurePosixPath
 from .errors import SourceError
 from .model_config import ModelConfig, read_model_config
 from .safetensors_header import SafetensorsHeader, TensorEntry, read_header
+from .torch_zip_checkpoint import TorchZipIndex, read_torch_zip
 
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
-BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+# A safetensors header or a PyTorch zip checkpoint's index: each has a
+# ``path`` and a ``tensors`` dict of TensorEntry by name.
+WeightsFile = SafetensorsHeader | TorchZipIndex
 
 
 @dataclass(frozen=True)
@@ -26,12 +32,13 @@ class TensorLocation:
 
 
 class Checkpoint:
-    """A Hugging Face checkpoint folder with safetensors weights, indexed by tensor name.
+    """A Hugging Face checkpoint folder with safetensors or PyTorch zip weights, indexed by tensor name.
 
-    Opening reads config.json and every shard header, never tensor data.
+    Opening reads config.json and every shard's header (for PyTorch files,
+    the zip directory and data.pkl), never tensor data.
     """
 
-    def __init__(self, folder: Path, config: ModelConfig, headers: list[SafetensorsHeader], weight_map: dict[str, Path]):
+    def __init__(self, folder: Path, config: ModelConfig, headers: list[WeightsFile], weight_map: dict[str, Path]):
         self.folder = folder
         self.config = config
         self.headers = headers
@@ -41,7 +48,11 @@ class Checkpoint:
 
     @classmethod
     def open(cls, folder: Path) -> "Checkpoint":
-        """Open a model folder and validate its config and safetensors headers.
+        """Open a model folder and validate its config and the headers of its weight files.
+
+        Safetensors weights are used when the folder has them. Otherwise
+        pytorch_model.bin or pytorch_model.bin.index.json is read, without
+        running code from the pickles.
 
         Raises:
             SourceError: the folder, config or weights are missing or invalid.
@@ -51,29 +62,7 @@ class Checkpoint:
             raise SourceError(f"Model folder not found: {folder}. Check the path in the merge YAML.")
         config = read_model_config(folder)
 
-        index_path = folder / SAFETENSORS_INDEX
-        single_path = folder / SAFETENSORS_SINGLE
-        if index_path.is_file():
-            weight_map = _read_index(folder, index_path)
-        elif single_path.is_file():
-            weight_map = None
-        elif any((folder / name).is_file() for name in BIN_NAMES):
-            # TODO: stream PyTorch .bin checkpoints without unpickling arbitrary code.
-            raise SourceError(
-                f"{folder}: only PyTorch .bin weights found, which lowmem-moe does not read yet. "
-                "Convert the model to safetensors first, for example by loading it with transformers and "
-                "calling save_pretrained(..., safe_serialization=True)."
-            )
-        else:
-            raise SourceError(f"{folder}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} found.")
-
-        if weight_map is None:
-            _check_link_target(single_path, folder.resolve(), str(single_path))
-            header = read_header(single_path)
-            weight_map = {name: single_path for name in header.tensors}
-            headers = [header]
-        else:
-            headers = [read_header(path) for path in sorted(set(weight_map.values()))]
+        weight_map, headers = _open_weights(folder)
         return cls(folder, config, headers, weight_map)
 
     @property
@@ -93,6 +82,31 @@ class Checkpoint:
         if location is None:
             raise SourceError(f"{self.folder}: tensor {name!r} not found in the checkpoint's weights.")
         return location
+
+
+def _open_weights(folder: Path) -> tuple[dict[str, Path], list[WeightsFile]]:
+    """Return the weight map and the parsed header of every weights file, preferring safetensors."""
+    resolved_folder = folder.resolve()
+    for index_name, single_name, read in (
+        (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_header),
+        (BIN_INDEX, BIN_SINGLE, read_torch_zip),
+    ):
+        index_path = folder / index_name
+        single_path = folder / single_name
+        if index_path.is_file():
+            weight_map = _read_index(folder, index_path)
+            files = [read(path) for path in sorted(set(weight_map.values()))]
+        elif single_path.is_file():
+            _check_link_target(single_path, resolved_folder, str(single_path))
+            header = read(single_path)
+            weight_map, files = {name: single_path for name in header.tensors}, [header]
+        else:
+            continue
+        logger.debug("%s: reading weights from %s", folder, index_path.name if index_path.is_file() else single_name)
+        return weight_map, files
+    raise SourceError(
+        f"{folder}: no weights found. Expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX}."
+    )
 
 
 def _read_index(folder: Path, index_path: Path) -> dict[str, Path]:
@@ -155,7 +169,7 @@ def _check_link_target(path: Path, resolved_folder: Path, label: str) -> None:
     raise SourceError(f"{label} is a symlink to {target}, which lies outside the model folder.")
 
 
-def _entry_in(headers: list[SafetensorsHeader], path: Path, name: str) -> TensorEntry:
+def _entry_in(headers: list[WeightsFile], path: Path, name: str) -> TensorEntry:
     for header in headers:
         if header.path == path:
             entry = header.tensors.get(name)

@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import load_merge_config
 from .dtypes import dtype_code_from_name, torch_dtype
 from .errors import UserError
 from .memory_budget import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, MIN_CHUNK_SIZE
-from .merge import disk_bytes_needed, free_disk_bytes, prepare_merge, run_merge
-from .plan_report import format_bytes, plan_summary, plan_tensor_lines
+from .merge import disk_bytes_needed, free_disk_bytes, prepare_resolved, run_merge
+from .model_resolution import resolve_sources
+from .plan_report import download_report, format_bytes, plan_summary, plan_tensor_lines
 from .planner import PlanOptions
 from .routing_report import format_routes, route_prompts
 
@@ -98,6 +100,13 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for random gates and noise (default: 0)")
     parser.add_argument(
+        "--layout",
+        choices=("per_expert", "fused"),
+        default="per_expert",
+        help="expert tensor layout: per_expert (one tensor per expert and projection, read by transformers 4.x "
+        "and 5.x, llama.cpp and vLLM) or fused (transformers 5's gate_up_proj and down_proj) (default: per_expert)",
+    )
+    parser.add_argument(
         "--gate-dtype",
         choices=("float32", "bfloat16"),
         default="float32",
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         dropped_config_fields=frozenset(args.drop_config_field),
         allow_identical_experts=args.allow_identical_experts,
         gate_dtype=dtype_code_from_name(args.gate_dtype),
+        layout=args.layout,
     )
     if args.command == "plan":
         return _run_reporting_errors(lambda: _plan_command(args, options), args.out_dir)
@@ -164,11 +174,23 @@ def _routes_command(args: argparse.Namespace) -> int:
 
 
 def _plan_command(args: argparse.Namespace, options: PlanOptions) -> int:
-    prepared = prepare_merge(args.config, options)
+    # Files of Hub models that the cache lacks are counted, not downloaded:
+    # the tensor plan needs their headers, so it waits for `merge`.
+    config = load_merge_config(args.config)
+    resolution = resolve_sources(config)
+    if resolution.pending_files:
+        if args.json:
+            print(json.dumps({"download": resolution.download_json_dict()}, indent=2))
+        else:
+            print(download_report(resolution))
+        return 0
+
+    prepared = prepare_resolved(config, resolution, options)
     if args.json:
         print(json.dumps(prepared.plan.to_json_dict(), indent=2))
         return 0
-    print(plan_summary(prepared.plan, free_disk_bytes(args.out_dir), disk_bytes_needed(prepared)))
+    free_disk = free_disk_bytes(args.out_dir)
+    print(plan_summary(prepared.plan, free_disk, disk_bytes_needed(prepared), resolution.bytes_to_download))
     if args.tensors:
         print("\n".join(plan_tensor_lines(prepared.plan)))
     return 0

@@ -40,7 +40,10 @@ EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_sc
 class ExpertConfig:
     """One entry of ``experts:`` or ``shared_experts:``."""
 
-    source_model: Path  # resolved against the YAML's folder
+    # The local folder that source_reference names, resolved against the
+    # YAML's folder. When no such folder exists, the reference may name a
+    # Hugging Face Hub model, which model_resolution.py finds.
+    source_model: Path
     source_reference: str  # as written in the YAML
     positive_prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
@@ -63,14 +66,16 @@ class MergeConfig:
     experts: tuple[ExpertConfig, ...]
     shared_experts: tuple[ExpertConfig, ...]
     architecture: str | None
+    base_line: int = 0  # 1-based line of base_model in the YAML
 
 
 def load_merge_config(path: Path) -> MergeConfig:
     """Read and validate a merge YAML.
 
     Relative model paths resolve against the folder that contains the YAML.
-    Prompts that look like YAML slips, such as an unbalanced quote, are
-    logged as warnings.
+    Loading touches neither the network nor the Hugging Face cache: Hub
+    references resolve when the sources are opened. Prompts that look like
+    YAML slips, such as an unbalanced quote, are logged as warnings.
 
     Raises:
         ConfigError: the file is unreadable, not valid YAML or breaks the
@@ -175,6 +180,7 @@ class _Parser:
             experts=experts,
             shared_experts=shared_experts,
             architecture=architecture,
+            base_line=fields["base_model"].start_mark.line + 1,
         )
 
     def _experts(self, node: yaml.Node, key: str, gate_mode: str) -> tuple[ExpertConfig, ...]:
@@ -240,7 +246,6 @@ class _Parser:
             )
 
     def _model_path(self, reference: str) -> Path:
-        # TODO: resolve Hugging Face Hub references through the local cache.
         path = Path(reference).expanduser()
         return path if path.is_absolute() else self.folder / path
 

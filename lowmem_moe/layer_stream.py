@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint
 from .dtypes import ITEM_SIZES, TORCH_DTYPES
 from .embedding_rows import EmbeddingRows
 from .errors import SourceError
-from .plan import Segment
+from .plan import Segment, Transform
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,10 @@ def _parameter_segments(
                     f"{checkpoint.folder}: tensor {source_names[0]!r} does not fit parameter {prefix + name} of shape "
                     f"{list(shape)}."
                 )
-            segments = [Segment(location.path, location.entry.offset, location.entry.nbytes) for location in locations]
+            segments = [
+                Segment(location.path, location.entry.offset, location.entry.nbytes, dtype, Transform(out_dtype=dtype))
+                for location in locations
+            ]
             return segments, dtype
     raise SourceError(f"{checkpoint.folder}: tensor {prefix + name!r} not found in the checkpoint's weights.")
 

@@ -10,12 +10,14 @@ from .dtypes import torch_dtype
 from .errors import OutputError, PlanError, UserError
 from .gates import compute_router_weights
 from .model_card import model_card
+from .model_resolution import SourceResolution, download_pending, resolve_sources
 from .output_files import copy_base_files, has_tokenizer, metadata_file_sizes, write_config, write_index
 from .output_folder import OutputFolder
 from .plan import MergePlan
 from .plan_executor import write_shards
 from .planner import PlanOptions, build_plan
 from .sources import MergeSources, open_sources
+from .structure_check import check_structure
 
 logger = logging.getLogger(__name__)
 
@@ -26,29 +28,46 @@ DISK_MARGIN_BYTES = 64 * 1024**2
 
 @dataclass(frozen=True)
 class PreparedMerge:
-    """A loaded config, its opened sources and the plan built from them."""
+    """A loaded config, where its models lie, its opened sources and the plan built from them."""
 
     config: MergeConfig
     sources: MergeSources
     plan: MergePlan
     options: PlanOptions
+    resolution: SourceResolution
 
 
-def prepare_merge(config_path: Path, options: PlanOptions) -> PreparedMerge:
-    """Load the YAML, open every source and build the plan. Reads headers only.
+def prepare_merge(config_path: Path, options: PlanOptions, download: bool = False) -> PreparedMerge:
+    """Load the YAML, resolve and open every source and build the plan. Reads headers only.
+
+    Hub models missing from the Hugging Face cache are downloaded first when
+    ``download`` is set, and are an error otherwise.
 
     Raises:
         UserError: the config, a source or the combination is invalid.
     """
     config = load_merge_config(config_path)
-    sources = open_sources(config)
+    resolution = resolve_sources(config)
+    if download:
+        resolution = download_pending(resolution)
+    return prepare_resolved(config, resolution, options)
+
+
+def prepare_resolved(config: MergeConfig, resolution: SourceResolution, options: PlanOptions) -> PreparedMerge:
+    """Open the resolved sources and build the plan. Reads headers only.
+
+    Raises:
+        UserError: a source is invalid or not downloaded yet, or the
+            combination is invalid.
+    """
+    sources = open_sources(config, resolution)
     if not has_tokenizer(sources.base):
         raise PlanError(
             f"{sources.base.folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json). "
             "The merged model needs the base model's tokenizer; copy its files into the base folder."
         )
     plan = build_plan(config, sources, options)
-    return PreparedMerge(config=config, sources=sources, plan=plan, options=options)
+    return PreparedMerge(config=config, sources=sources, plan=plan, options=options, resolution=resolution)
 
 
 def disk_bytes_needed(prepared: PreparedMerge) -> int:
@@ -69,6 +88,8 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
 
     The output appears at ``out_dir`` only when complete. On failure or
     interruption the staging folder is removed and ``out_dir`` is unchanged.
+    Files of Hub models that the merge needs and the Hugging Face cache
+    lacks are downloaded into the cache first, and stay there.
 
     Raises:
         UserError: bad input, too little disk space, or an output folder
@@ -77,7 +98,7 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
     output = OutputFolder(out_dir, overwrite=overwrite)
     output.check_target()
 
-    prepared = prepare_merge(config_path, options)
+    prepared = prepare_merge(config_path, options, download=True)
     needed = disk_bytes_needed(prepared)
     free = free_disk_bytes(out_dir)
     if needed + DISK_MARGIN_BYTES > free:
@@ -100,7 +121,9 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
         write_index(prepared.plan, staging)
         write_config(prepared.plan.output_config, staging)
         copy_base_files(prepared.sources.base, staging)
-        (staging / "README.md").write_text(model_card(prepared.config, prepared.plan, options.seed), encoding="utf-8")
+        card = model_card(prepared.config, prepared.plan, options.seed, prepared.resolution)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        check_structure(staging)
         published = output.publish()
     except OSError as error:
         output.discard()

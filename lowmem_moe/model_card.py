@@ -5,13 +5,18 @@ from pathlib import Path
 
 from . import __version__
 from .config import ExpertConfig, MergeConfig
+from .model_resolution import ResolvedModel, SourceResolution
 from .plan import MergePlan
 
 MAX_PROMPTS_LISTED = 8
 
 
-def model_card(config: MergeConfig, plan: MergePlan, seed: int) -> str:
-    """Return the model card text in Markdown, with Hugging Face front matter."""
+def model_card(config: MergeConfig, plan: MergePlan, seed: int, resolution: SourceResolution) -> str:
+    """Return the model card text in Markdown, with Hugging Face front matter.
+
+    Each source appears as the YAML names it and with the Hub commit it
+    resolved to, or "local folder", so that the merge can be repeated.
+    """
     lines = [
         "---",
         "tags:",
@@ -27,7 +32,7 @@ def model_card(config: MergeConfig, plan: MergePlan, seed: int) -> str:
         "",
         "## Settings",
         "",
-        f"- base model: `{config.base_reference}`",
+        f"- base model: `{config.base_reference}` ({_revision(resolution.base)})",
         f"- architecture: {plan.architecture}",
         f"- gate_mode: {config.gate_mode}",
         f"- dtype: {plan.output_config.get('dtype')}",
@@ -36,10 +41,13 @@ def model_card(config: MergeConfig, plan: MergePlan, seed: int) -> str:
         "",
         "## Experts",
         "",
-        "| # | source model | positive prompts | negative prompts | noise_scale | residual_scale |",
-        "|---|---|---|---|---|---|",
+        "| # | source model | revision | positive prompts | negative prompts | noise_scale | residual_scale |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [_expert_row(index, expert) for index, expert in enumerate(config.experts)]
+    lines += [
+        _expert_row(index, expert, model)
+        for index, (expert, model) in enumerate(zip(config.experts, resolution.experts))
+    ]
     lines += [
         "",
         "## Merge config",
@@ -52,11 +60,15 @@ def model_card(config: MergeConfig, plan: MergePlan, seed: int) -> str:
     return "\n".join(lines)
 
 
-def _expert_row(index: int, expert: ExpertConfig) -> str:
+def _expert_row(index: int, expert: ExpertConfig, model: ResolvedModel) -> str:
     return (
-        f"| {index} | `{expert.source_reference}` | {_prompt_list(expert.positive_prompts)} | "
+        f"| {index} | `{expert.source_reference}` | {_revision(model)} | {_prompt_list(expert.positive_prompts)} | "
         f"{_prompt_list(expert.negative_prompts)} | {_number(expert.noise_scale)} | {_number(expert.residual_scale)} |"
     )
+
+
+def _revision(model: ResolvedModel) -> str:
+    return "local folder" if model.commit is None else f"Hub commit `{model.commit}`"
 
 
 def _prompt_list(prompts: tuple[str, ...]) -> str:

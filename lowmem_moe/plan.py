@@ -8,38 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Segment:
-    """A contiguous byte range of a source file."""
-
-    path: Path
-    offset: int  # bytes from the start of the file
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class FileSource:
-    """Tensor data that lies in source files, read in order of the segments."""
-
-    dtype: str  # safetensors code of the source data
-    segments: tuple[Segment, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(segment.nbytes for segment in self.segments)
-
-
-@dataclass(frozen=True)
-class GateSource:
-    """Router weights computed by the gate pass: layer ``layer`` of the (layers, experts, hidden) matrix."""
-
-    layer: int
+from .dtypes import ITEM_SIZES
 
 
 @dataclass(frozen=True)
 class Transform:
-    """What happens to each chunk on its way from source to output.
+    """What happens to each chunk of a segment on its way from source to output.
 
     Values are computed in float32 when anything other than a plain copy is
     needed: noise is added first, then the residual scale is applied, then
@@ -57,6 +31,47 @@ class Transform:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """A contiguous byte range of a source file and how it becomes output bytes."""
+
+    path: Path
+    offset: int  # bytes from the start of the file
+    nbytes: int  # source bytes
+    dtype: str  # safetensors code of the source data
+    transform: Transform
+
+    @property
+    def output_nbytes(self) -> int:
+        return self.nbytes // ITEM_SIZES[self.dtype] * ITEM_SIZES[self.transform.out_dtype]
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Tensor data that lies in source files, written in the order of the segments.
+
+    Most tensors have one segment. A fused expert tensor has one per expert.
+    """
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(segment.nbytes for segment in self.segments)
+
+
+@dataclass(frozen=True)
+class GateSource:
+    """Router weights from the gate pass: layer ``layer`` of a (layers, experts, hidden) float32 matrix.
+
+    ``router`` names the matrix: "experts" for the routed experts' router,
+    "shared_expert" for the gate of a shared expert.
+    """
+
+    layer: int
+    router: str = "experts"
+
+
+@dataclass(frozen=True)
 class PlannedTensor:
     """One output tensor: its place in the output shard and where its bytes come from."""
 
@@ -64,9 +79,15 @@ class PlannedTensor:
     dtype: str  # safetensors code of the output
     shape: tuple[int, ...]
     source: FileSource | GateSource
-    transform: Transform
     data_offset: int  # bytes from the start of the shard's data section
     nbytes: int
+
+    @property
+    def is_plain_copy(self) -> bool:
+        """Return whether every byte is copied unchanged from the sources."""
+        return isinstance(self.source, FileSource) and all(
+            segment.transform.is_copy_of(segment.dtype) for segment in self.source.segments
+        )
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,7 @@ class MergePlan:
     """Everything the writer needs, with totals for the user to check first."""
 
     architecture: str
+    model_class: str  # transformers class that loads the output
     shards: tuple[PlannedShard, ...]
     output_config: dict[str, Any]
     chunk_size: int  # bytes

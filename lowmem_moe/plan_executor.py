@@ -10,7 +10,7 @@ import torch
 from .chunk_transform import transform_chunk
 from .dtypes import ITEM_SIZES
 from .errors import SourceError
-from .plan import FileSource, GateSource, MergePlan, PlannedTensor
+from .plan import GateSource, MergePlan, PlannedTensor, Segment, Transform
 from .shard_writer import ShardWriter
 from .progress import progress_bar
 
@@ -51,11 +51,11 @@ class SourceFiles:
         return self._descriptors[path]
 
 
-def write_shards(plan: MergePlan, folder: Path, router_weights: torch.Tensor | None) -> list[Path]:
+def write_shards(plan: MergePlan, folder: Path, router_weights: dict[str, torch.Tensor]) -> list[Path]:
     """Write every shard of the plan into ``folder`` and return their paths.
 
-    ``router_weights`` has shape (layers, experts, hidden) in float32 and
-    provides the data of GateSource tensors. A failure removes the shard in
+    ``router_weights`` maps each GateSource router name to float32 weights
+    of shape (layers, experts, hidden). A failure removes the shard in
     progress; shards finished before it stay.
     """
     # The one reusable read buffer of the copy phase; see memory_budget.
@@ -69,12 +69,7 @@ def write_shards(plan: MergePlan, folder: Path, router_weights: torch.Tensor | N
             try:
                 writer.begin()
                 for tensor in shard.tensors:
-                    if _is_plain_copy(tensor):
-                        _copy_tensor(writer, tensor, sources, buffer, progress)
-                    else:
-                        for chunk in _tensor_chunks(tensor, sources, buffer, router_weights):
-                            writer.write(chunk)
-                            progress.update(len(chunk))
+                    _write_tensor(writer, tensor, sources, buffer, router_weights, progress)
                     writer.end_tensor()
                 written.append(writer.finish())
             except BaseException:
@@ -84,44 +79,47 @@ def write_shards(plan: MergePlan, folder: Path, router_weights: torch.Tensor | N
     return written
 
 
-def _is_plain_copy(tensor: PlannedTensor) -> bool:
-    return isinstance(tensor.source, FileSource) and tensor.transform.is_copy_of(tensor.source.dtype)
-
-
-def _copy_tensor(writer: ShardWriter, tensor: PlannedTensor, sources: SourceFiles, buffer: bytearray, progress) -> None:
-    # Unchanged bytes go through copy_file_range in steps of one chunk, so
-    # that progress and page cache writeback advance steadily.
-    for segment in tensor.source.segments:
-        descriptor = sources.descriptor(segment.path)
-        position = 0
-        while position < segment.nbytes:
-            count = min(len(buffer), segment.nbytes - position)
-            writer.copy_from(descriptor, segment.path, segment.offset + position, count, buffer)
-            progress.update(count)
-            position += count
-
-
-def _tensor_chunks(tensor: PlannedTensor, sources: SourceFiles, buffer: bytearray, router_weights: torch.Tensor | None):
+def _write_tensor(writer: ShardWriter, tensor: PlannedTensor, sources: SourceFiles, buffer: bytearray, router_weights, progress) -> None:
     source = tensor.source
     if isinstance(source, GateSource):
-        if router_weights is None:
-            raise RuntimeError(f"{tensor.name}: the plan needs router weights but none were computed")
-        rows = router_weights[source.layer].to(torch.float32).contiguous()  # (experts, hidden)
+        rows = router_weights[source.router][source.layer].to(torch.float32).contiguous()  # (experts, hidden)
         raw = memoryview(rows.view(torch.uint8).numpy()).cast("B")
-        yield transform_chunk(raw, "F32", tensor.transform, 0)
+        chunk = transform_chunk(raw, "F32", Transform(out_dtype=tensor.dtype), 0)
+        writer.write(chunk)
+        progress.update(len(chunk))
         return
 
-    assert isinstance(source, FileSource)
-    item_size = ITEM_SIZES[source.dtype]
+    for segment in source.segments:
+        if segment.transform.is_copy_of(segment.dtype):
+            _copy_segment(writer, segment, sources, buffer, progress)
+        else:
+            for chunk in _transformed_chunks(segment, sources, buffer):
+                writer.write(chunk)
+                progress.update(len(chunk))
+
+
+def _copy_segment(writer: ShardWriter, segment: Segment, sources: SourceFiles, buffer: bytearray, progress) -> None:
+    # Unchanged bytes go through copy_file_range in steps of one chunk, so
+    # that progress and page cache writeback advance steadily.
+    descriptor = sources.descriptor(segment.path)
+    position = 0
+    while position < segment.nbytes:
+        count = min(len(buffer), segment.nbytes - position)
+        writer.copy_from(descriptor, segment.path, segment.offset + position, count, buffer)
+        progress.update(count)
+        position += count
+
+
+def _transformed_chunks(segment: Segment, sources: SourceFiles, buffer: bytearray):
+    item_size = ITEM_SIZES[segment.dtype]
     # Chunks hold whole elements so that each converts on its own.
     chunk_capacity = max(item_size, len(buffer) // item_size * item_size)
     first_element = 0
-    for segment in source.segments:
-        position = 0
-        while position < segment.nbytes:
-            count = min(chunk_capacity, segment.nbytes - position)
-            view = memoryview(buffer)[:count]
-            sources.read_into(segment.path, segment.offset + position, view)
-            yield transform_chunk(view, source.dtype, tensor.transform, first_element)
-            first_element += count // item_size
-            position += count
+    position = 0
+    while position < segment.nbytes:
+        count = min(chunk_capacity, segment.nbytes - position)
+        view = memoryview(buffer)[:count]
+        sources.read_into(segment.path, segment.offset + position, view)
+        yield transform_chunk(view, segment.dtype, segment.transform, first_element)
+        first_element += count // item_size
+        position += count

@@ -1,6 +1,7 @@
 """Human-readable text for a MergePlan."""
 
-from .plan import FileSource, GateSource, MergePlan, PlannedTensor
+from .model_resolution import SourceResolution
+from .plan import FileSource, GateSource, MergePlan, PlannedTensor, Segment
 
 
 def format_bytes(count: int) -> str:
@@ -13,14 +14,19 @@ def format_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def plan_summary(plan: MergePlan, free_disk: int, disk_needed: int) -> str:
-    """Return the plan's totals as aligned lines of text."""
+def plan_summary(plan: MergePlan, free_disk: int, disk_needed: int, bytes_to_download: int = 0) -> str:
+    """Return the plan's totals as aligned lines of text.
+
+    ``bytes_to_download`` is what the merge would download into the Hugging
+    Face cache first.
+    """
     tensors = plan.tensors
-    converted = sum(1 for t in tensors if isinstance(t.source, FileSource) and not t.transform.is_copy_of(t.source.dtype))
+    converted = sum(1 for t in tensors if isinstance(t.source, FileSource) and not t.is_plain_copy)
     rows = [
         ("architecture", plan.architecture),
         ("output tensors", f"{len(tensors)} ({converted} converted or transformed, {_gate_count(tensors)} routers)"),
         ("shards", str(len(plan.shards))),
+        ("to download", f"{format_bytes(bytes_to_download)} ({bytes_to_download:,})"),
         ("bytes read", f"{format_bytes(plan.bytes_read)} ({plan.bytes_read:,})"),
         ("bytes written", f"{format_bytes(plan.bytes_written)} ({plan.bytes_written:,}) in shards"),
         ("disk needed", f"{format_bytes(disk_needed)} including tokenizer, configs and model card"),
@@ -30,6 +36,30 @@ def plan_summary(plan: MergePlan, free_disk: int, disk_needed: int) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def download_report(resolution: SourceResolution) -> str:
+    """Return what a merge would download into the Hugging Face cache: the total, then one line per model."""
+    total = resolution.bytes_to_download
+    headline = f"to download  {format_bytes(total)} ({total:,}) in {resolution.pending_files} files"
+    if resolution.unknown_sizes:
+        headline += f", {resolution.unknown_sizes} of them of unknown size"
+    lines = [f"{headline}, into {resolution.cache_dir}"]
+    for model in resolution.models:
+        if not model.pending:
+            continue
+        line = (
+            f"  {model.reference} ({model.label}): commit {model.commit}, {len(model.pending)} files, "
+            f"{format_bytes(model.bytes_to_download)}"
+        )
+        if model.skipped_shards:
+            line += f"; {model.skipped_shards} shards without MLP tensors are skipped"
+        lines.append(line)
+    lines.append(
+        "The tensor plan needs the headers of these files. `lowmem-moe merge` downloads them before it merges; "
+        "run `lowmem-moe plan` again afterwards to see the full plan."
+    )
+    return "\n".join(lines)
 
 
 def plan_tensor_lines(plan: MergePlan) -> list[str]:
@@ -44,19 +74,20 @@ def plan_tensor_lines(plan: MergePlan) -> list[str]:
 def _describe_source(tensor: PlannedTensor) -> str:
     source = tensor.source
     if isinstance(source, GateSource):
-        text = f"router weights of layer {source.layer} (float32)"
-    else:
-        ranges = ", ".join(f"{segment.path}[{segment.offset}:{segment.offset + segment.nbytes}]" for segment in source.segments)
-        text = f"{source.dtype} {ranges}"
+        text = f"{source.router} router weights of layer {source.layer} (float32)"
+        return text + (f" (to {tensor.dtype})" if tensor.dtype != "F32" else "")
+    return " + ".join(_describe_segment(segment) for segment in source.segments)
 
+
+def _describe_segment(segment: Segment) -> str:
     steps = []
-    if tensor.transform.noise_scale:
-        steps.append(f"noise {tensor.transform.noise_scale:g}")
-    if tensor.transform.residual_scale not in (None, 1.0):
-        steps.append(f"scale {tensor.transform.residual_scale:g}")
-    source_dtype = "F32" if isinstance(source, GateSource) else source.dtype
-    if source_dtype != tensor.transform.out_dtype:
-        steps.append(f"to {tensor.transform.out_dtype}")
+    if segment.transform.noise_scale:
+        steps.append(f"noise {segment.transform.noise_scale:g}")
+    if segment.transform.residual_scale not in (None, 1.0):
+        steps.append(f"scale {segment.transform.residual_scale:g}")
+    if segment.dtype != segment.transform.out_dtype:
+        steps.append(f"to {segment.transform.out_dtype}")
+    text = f"{segment.dtype} {segment.path}[{segment.offset}:{segment.offset + segment.nbytes}]"
     return text + (f" ({', '.join(steps)})" if steps else "")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import psutil
 
-from .architectures import OutputArchitecture, TensorSpec, select_architecture
+from .architectures import LAYOUTS, SpecPart, TensorSpec, select_architecture
 from .config import MergeConfig
 from .dtypes import CODE_TO_NAME, ITEM_SIZES, TORCH_DTYPES, dtype_code_from_name
 from .errors import ConfigError, PlanError
@@ -39,6 +39,7 @@ class PlanOptions:
     dropped_config_fields: frozenset[str] = field(default_factory=frozenset)
     allow_identical_experts: bool = False
     gate_dtype: str = "F32"  # safetensors code of the dtype the hidden gate pass computes in
+    layout: str = "per_expert"  # or "fused": transformers 5's gate_up_proj and down_proj per layer
 
 
 def build_plan(config: MergeConfig, sources: MergeSources, options: PlanOptions) -> MergePlan:
@@ -47,15 +48,15 @@ def build_plan(config: MergeConfig, sources: MergeSources, options: PlanOptions)
     Raises:
         PlanError: the sources cannot be merged as configured.
     """
+    if options.layout not in LAYOUTS:
+        raise PlanError(f"Unknown layout {options.layout!r}. Use one of: {', '.join(LAYOUTS)}.")
     _check_experts_distinct(config, sources, options)
-    architecture = select_architecture(config, sources.base, list(sources.experts))
+    architecture = select_architecture(config, sources)
     _check_expert_configs(sources)
 
     out_dtype = _output_dtype(config, sources)
-    output_config = architecture.output_config(
-        config, sources.base, CODE_TO_NAME[out_dtype], options.dropped_config_fields
-    )
-    specs = architecture.tensor_specs(config, sources.base, list(sources.experts))
+    output_config = architecture.output_config(config, sources, CODE_TO_NAME[out_dtype], options.dropped_config_fields)
+    specs = architecture.tensor_specs(config, sources, options.layout)
     _check_expert_shapes(specs, sources)
 
     tensors = [_plan_tensor(spec, out_dtype, options.seed) for spec in specs]
@@ -64,7 +65,9 @@ def build_plan(config: MergeConfig, sources: MergeSources, options: PlanOptions)
     base = sources.base.config
     budget = MemoryBudget(
         chunk_size=options.chunk_size,
-        router_bytes=router_bytes(base.num_hidden_layers, len(config.experts), base.hidden_size),
+        router_bytes=router_bytes(
+            base.num_hidden_layers, len(config.experts) + len(config.shared_experts), base.hidden_size
+        ),
         gate_pass_bytes=_gate_pass_bytes(config, sources, options),
     )
     # The estimate starts from this process's current RSS, which already
@@ -75,6 +78,7 @@ def build_plan(config: MergeConfig, sources: MergeSources, options: PlanOptions)
     bytes_written = sum(shard_file_size(shard) for shard in shards)
     return MergePlan(
         architecture=architecture.name,
+        model_class=architecture.model_class_name(),
         shards=tuple(shards),
         output_config=output_config,
         chunk_size=options.chunk_size,
@@ -110,7 +114,7 @@ def _check_experts_distinct(config: MergeConfig, sources: MergeSources, options:
 
 def _check_expert_configs(sources: MergeSources) -> None:
     base = sources.base.config
-    for checkpoint in sources.experts:
+    for checkpoint in [*sources.experts, *sources.shared_experts]:
         for key in ("hidden_size", "num_hidden_layers", "intermediate_size"):
             base_value, expert_value = base.raw.get(key), checkpoint.config.raw.get(key)
             if base_value != expert_value:
@@ -125,16 +129,18 @@ def _check_expert_shapes(specs: list[TensorSpec], sources: MergeSources) -> None
     # or, where the base lacks it, the shape of the first expert's.
     expected_shapes: dict[str, tuple[int, ...]] = {}
     for spec in specs:
-        if spec.expert is None or spec.checkpoint is None:
-            continue
-        if spec.source_name not in expected_shapes and sources.base.has(spec.source_name):
-            expected_shapes[spec.source_name] = sources.base.locate(spec.source_name).entry.shape
-        expected = expected_shapes.setdefault(spec.source_name, spec.shape)
-        if spec.shape != expected:
-            raise PlanError(
-                f"{spec.checkpoint.folder}: tensor {spec.source_name!r} has shape {list(spec.shape)}, but the base "
-                f"model's has {list(expected)}. Every expert must have the base model's shapes."
-            )
+        for part in spec.parts:
+            if part.expert is None:
+                continue
+            shape = part.checkpoint.locate(part.source_name).entry.shape
+            if part.source_name not in expected_shapes and sources.base.has(part.source_name):
+                expected_shapes[part.source_name] = sources.base.locate(part.source_name).entry.shape
+            expected = expected_shapes.setdefault(part.source_name, shape)
+            if shape != expected:
+                raise PlanError(
+                    f"{part.checkpoint.folder}: tensor {part.source_name!r} has shape {list(shape)}, but the base "
+                    f"model's has {list(expected)}. Every expert must have the base model's shapes."
+                )
 
 
 def _output_dtype(config: MergeConfig, sources: MergeSources) -> str:
@@ -156,42 +162,52 @@ def _output_dtype(config: MergeConfig, sources: MergeSources) -> str:
 
 
 def _plan_tensor(spec: TensorSpec, out_dtype: str, seed: int) -> PlannedTensor:
-    noise_scale = spec.expert.noise_scale if spec.expert else None
-    residual_scale = spec.expert.residual_scale if spec.expert and spec.is_residual else None
-    transform = Transform(
-        out_dtype=out_dtype,
-        noise_scale=noise_scale or None,
-        noise_seed=_noise_seed(seed, spec.name) if noise_scale else None,
-        residual_scale=residual_scale,
+    if spec.gate is not None:
+        router, layer = spec.gate
+        return PlannedTensor(
+            name=spec.name,
+            dtype=out_dtype,
+            shape=spec.shape,
+            source=GateSource(layer=layer, router=router),
+            data_offset=0,  # set when the tensor is placed in a shard
+            nbytes=math.prod(spec.shape) * ITEM_SIZES[out_dtype],
+        )
+
+    segments = tuple(_plan_segment(part, out_dtype, seed) for part in spec.parts)
+    # Non-float tensors, which only ever copy, keep their dtype.
+    dtype = segments[0].transform.out_dtype
+    if any(segment.transform.out_dtype != dtype for segment in segments):
+        raise PlanError(f"tensor {spec.name!r} would mix dtypes; its sources must all be float tensors.")
+    nbytes = sum(segment.output_nbytes for segment in segments)
+    if nbytes != math.prod(spec.shape) * ITEM_SIZES[dtype]:
+        raise PlanError(f"tensor {spec.name!r}: its sources hold {nbytes} bytes, which does not fit shape {list(spec.shape)}.")
+    return PlannedTensor(
+        name=spec.name, dtype=dtype, shape=spec.shape, source=FileSource(segments), data_offset=0, nbytes=nbytes
     )
 
-    if spec.gate_layer is not None:
-        source: FileSource | GateSource = GateSource(layer=spec.gate_layer)
-        source_dtype = ROUTER_DTYPE
-    else:
-        location = spec.checkpoint.locate(spec.source_name)
-        source = FileSource(
-            dtype=location.entry.dtype,
-            segments=(Segment(path=location.path, offset=location.entry.offset, nbytes=location.entry.nbytes),),
-        )
-        source_dtype = location.entry.dtype
 
+def _plan_segment(part: SpecPart, out_dtype: str, seed: int) -> Segment:
+    location = part.checkpoint.locate(part.source_name)
+    source_dtype = location.entry.dtype
+    noise_scale = part.expert.noise_scale if part.expert else None
+    residual_scale = part.expert.residual_scale if part.expert and part.is_residual else None
+    transform = Transform(
+        out_dtype=out_dtype if source_dtype in TORCH_DTYPES else source_dtype,
+        noise_scale=noise_scale or None,
+        noise_seed=_noise_seed(seed, part.noise_key) if noise_scale else None,
+        residual_scale=residual_scale,
+    )
     if not transform.is_copy_of(source_dtype) and source_dtype not in TORCH_DTYPES:
         raise PlanError(
-            f"{spec.checkpoint.folder if spec.checkpoint else 'router'}: tensor {spec.source_name!r} has dtype "
-            f"{source_dtype}, which lowmem-moe cannot convert. Only float32, float16 and bfloat16 convert."
+            f"{location.path}: tensor {part.source_name!r} has dtype {source_dtype}, which lowmem-moe cannot convert "
+            "or transform. Only float32, float16 and bfloat16 tensors can take a dtype, noise_scale or residual_scale."
         )
-
-    # Non-float tensors, which only ever copy, keep their dtype.
-    dtype = out_dtype if source_dtype in TORCH_DTYPES else source_dtype
-    return PlannedTensor(
-        name=spec.name,
-        dtype=dtype,
-        shape=spec.shape,
-        source=source,
-        transform=replace(transform, out_dtype=dtype),
-        data_offset=0,  # set when the tensor is placed in a shard
-        nbytes=math.prod(spec.shape) * ITEM_SIZES[dtype],
+    return Segment(
+        path=location.path,
+        offset=location.entry.offset,
+        nbytes=location.entry.nbytes,
+        dtype=source_dtype,
+        transform=transform,
     )
 
 

@@ -7,39 +7,62 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .config import MergeConfig
 from .errors import SourceError
+from .model_resolution import ResolvedModel, SourceResolution, resolve_sources
+from .partial_checkpoint import open_partial_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MergeSources:
-    """The opened checkpoints: the base, and one entry per expert in YAML order."""
+    """The opened checkpoints: the base, and one entry per expert and shared expert in YAML order."""
 
     base: Checkpoint
     experts: tuple[Checkpoint, ...]
+    shared_experts: tuple[Checkpoint, ...] = ()
 
 
-def open_sources(config: MergeConfig) -> MergeSources:
-    """Open every model folder of the config once, reading headers only.
+def open_sources(config: MergeConfig, resolution: SourceResolution | None = None) -> MergeSources:
+    """Open every model of the config once, reading headers only.
+
+    Args:
+        config: the merge YAML.
+        resolution: where each model lies, from resolve_sources. When None,
+            the models are resolved here, which reads the Hugging Face cache
+            and may contact the Hub for metadata (see model_resolution.py).
 
     Raises:
-        SourceError: a folder is missing or invalid. The message names the
-            YAML line of the expert that refers to it.
+        SourceError: a model is missing, invalid or not downloaded yet. The
+            message names the YAML line that refers to it.
     """
-    opened: dict[Path, Checkpoint] = {}
+    if resolution is None:
+        resolution = resolve_sources(config)
+    if resolution.pending_files:
+        names = ", ".join(model.reference for model in resolution.models if model.pending)
+        raise SourceError(
+            f"{config.path}: {resolution.pending_files} files of {names} are not downloaded yet. "
+            "`lowmem-moe merge` downloads them first."
+        )
 
-    def open_once(folder: Path, where: str) -> Checkpoint:
-        key = folder.resolve()
+    # Keyed by folder and shard subset, because an expert opened from some
+    # shards must not stand in for a base that needs all of them.
+    opened: dict[tuple[Path, frozenset[str] | None], Checkpoint] = {}
+
+    def open_once(model: ResolvedModel) -> Checkpoint:
+        key = (model.folder.resolve(), model.shard_files)
         if key not in opened:
             try:
-                opened[key] = Checkpoint.open(folder)
+                if model.shard_files is None:
+                    opened[key] = Checkpoint.open(model.folder)
+                else:
+                    opened[key] = open_partial_checkpoint(model.folder, model.shard_files)
             except SourceError as error:
-                raise SourceError(f"{error} (referenced by {where} in {config.path})") from error
-            logger.info("Opened %s: %d tensors", folder, len(opened[key].tensor_names))
+                raise SourceError(f"{error} (referenced by {model.label} in {config.path})") from error
+            logger.info("Opened %s: %d tensors", model.folder, len(opened[key].tensor_names))
         return opened[key]
 
-    base = open_once(config.base_model, "base_model")
-    experts = tuple(
-        open_once(expert.source_model, f"the expert on line {expert.line}") for expert in config.experts
+    return MergeSources(
+        base=open_once(resolution.base),
+        experts=tuple(open_once(model) for model in resolution.experts),
+        shared_experts=tuple(open_once(model) for model in resolution.shared_experts),
     )
-    return MergeSources(base=base, experts=experts)

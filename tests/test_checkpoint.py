@@ -324,22 +324,29 @@ def test_folder_without_weights(tmp_path, tiny_llama):
     folder.mkdir()
     shutil.copyfile(tiny_llama / "config.json", folder / "config.json")
     message = open_error(folder)
-    assert "no model.safetensors or model.safetensors.index.json found" in message
+    assert "no weights found" in message
+    assert "model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json" in message
 
 
-@pytest.mark.parametrize("bin_name", ["pytorch_model.bin", "pytorch_model.bin.index.json"])
-def test_pytorch_bin_only(tmp_path, tiny_llama, bin_name):
+def test_pytorch_bin_only_opens(tmp_path, tiny_llama):
     folder = tmp_path / "model"
     folder.mkdir()
     shutil.copyfile(tiny_llama / "config.json", folder / "config.json")
-    if bin_name.endswith(".bin"):
-        torch.save({"model.norm.weight": torch.ones(64)}, folder / bin_name)
-    else:
-        (folder / bin_name).write_text(json.dumps({"weight_map": {"model.norm.weight": "pytorch_model-00001-of-00001.bin"}}))
+    torch.save({"model.norm.weight": torch.ones(64)}, folder / "pytorch_model.bin")
+    checkpoint = Checkpoint.open(folder)
+    assert checkpoint.tensor_names == ["model.norm.weight"]
+    assert checkpoint.locate("model.norm.weight").path == folder / "pytorch_model.bin"
+
+
+def test_pytorch_bin_index_missing_shard(tmp_path, tiny_llama):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copyfile(tiny_llama / "config.json", folder / "config.json")
+    index = {"weight_map": {"model.norm.weight": "pytorch_model-00001-of-00001.bin"}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     message = open_error(folder)
-    assert str(folder) in message
-    assert "does not read yet" in message
-    assert "Convert the model to safetensors" in message
+    assert "shard 'pytorch_model-00001-of-00001.bin'" in message
+    assert "not found" in message
 
 
 def test_invalid_config_json(tmp_path, tiny_llama):

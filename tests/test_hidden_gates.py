@@ -73,7 +73,7 @@ def test_hidden_matches_full_forward(tmp_path, case, gate_mode):
     base = make_model(tmp_path / "base", MODEL_CASES[case])
     config = load_merge_config(write_config(tmp_path / "merge.yml", base, gate_mode))
 
-    weights = compute_router_weights(config, open_sources(config), seed=0, scratch_folder=tmp_path)
+    weights = compute_router_weights(config, open_sources(config), seed=0, scratch_folder=tmp_path)["experts"]
     expected = reference_vectors(base, last_token=gate_mode == "hidden")
     relative = (weights - expected).norm(dim=-1) / expected.norm(dim=-1)
 
@@ -88,7 +88,7 @@ def test_hidden_last_equals_hidden(tmp_path):
     for mode in ("hidden", "hidden_last"):
         config = load_merge_config(write_config(tmp_path / f"{mode}.yml", base, mode))
         sources = sources or open_sources(config)
-        results.append(compute_router_weights(config, sources, seed=0, scratch_folder=tmp_path))
+        results.append(compute_router_weights(config, sources, seed=0, scratch_folder=tmp_path)["experts"])
 
     assert torch.equal(results[0], results[1])
 
@@ -98,7 +98,7 @@ def test_empty_prompt_is_bos_state(tmp_path):
     positive = [[""], ["python code"]]
     config = load_merge_config(write_config(tmp_path / "m.yml", base, "hidden", positive, [[], []]))
 
-    weights = compute_router_weights(config, open_sources(config), seed=0, scratch_folder=tmp_path)
+    weights = compute_router_weights(config, open_sources(config), seed=0, scratch_folder=tmp_path)["experts"]
     expected = reference_vectors(base, True, positive, [[], []])
 
     assert (weights - expected).abs().max().item() < 1e-5
@@ -120,8 +120,8 @@ def test_bfloat16_gate_pass_close(tmp_path):
     config = load_merge_config(write_config(tmp_path / "m.yml", base, "hidden"))
     sources = open_sources(config)
 
-    full = compute_router_weights(config, sources, seed=0, scratch_folder=tmp_path)
-    half = compute_router_weights(config, sources, seed=0, scratch_folder=tmp_path, compute_dtype=torch.bfloat16)
+    full = compute_router_weights(config, sources, seed=0, scratch_folder=tmp_path)["experts"]
+    half = compute_router_weights(config, sources, seed=0, scratch_folder=tmp_path, compute_dtype=torch.bfloat16)["experts"]
     cosine = torch.nn.functional.cosine_similarity(full, half, dim=-1)
 
     assert not torch.equal(full, half)

@@ -1,19 +1,23 @@
 """Output architectures and the choice among them."""
 
-from ..checkpoint import Checkpoint
 from ..config import MergeConfig
 from ..errors import PlanError
-from .base import OutputArchitecture, TensorSpec
+from ..sources import MergeSources
+from .base import OutputArchitecture, SpecPart, TensorSpec
 from .mixtral import MixtralArchitecture
+from .moe_layout import LAYOUTS
+from .qwen_moe import Qwen2MoeArchitecture, Qwen3MoeArchitecture
 
-ARCHITECTURES: dict[str, OutputArchitecture] = {
-    architecture.name: architecture for architecture in (MixtralArchitecture(),)
-}
+ARCHITECTURES: tuple[OutputArchitecture, ...] = (
+    MixtralArchitecture(),
+    Qwen2MoeArchitecture(),
+    Qwen3MoeArchitecture(),
+)
 
-__all__ = ["ARCHITECTURES", "OutputArchitecture", "TensorSpec", "select_architecture"]
+__all__ = ["ARCHITECTURES", "LAYOUTS", "OutputArchitecture", "SpecPart", "TensorSpec", "select_architecture"]
 
 
-def select_architecture(config: MergeConfig, base: Checkpoint, experts: list[Checkpoint]) -> OutputArchitecture:
+def select_architecture(config: MergeConfig, sources: MergeSources) -> OutputArchitecture:
     """Return the architecture named in the YAML, or the first one that accepts the sources.
 
     Raises:
@@ -21,20 +25,18 @@ def select_architecture(config: MergeConfig, base: Checkpoint, experts: list[Che
             or no architecture accepts them. The message gives each reason.
     """
     if config.architecture is not None:
-        architecture = ARCHITECTURES.get(config.architecture)
+        architecture = next((a for a in ARCHITECTURES if config.architecture in a.aliases), None)
         if architecture is None:
-            raise PlanError(
-                f"{config.path}: unknown architecture {config.architecture!r}. "
-                f"Supported: {', '.join(ARCHITECTURES)}."
-            )
-        reasons = architecture.rejection_reasons(config, base, experts)
+            names = ", ".join(alias for a in ARCHITECTURES for alias in a.aliases)
+            raise PlanError(f"{config.path}: unknown architecture {config.architecture!r}. Supported: {names}.")
+        reasons = architecture.rejection_reasons(config, sources)
         if reasons:
             raise PlanError(f"Cannot build {architecture.name}: " + "; ".join(reasons) + ".")
         return architecture
 
     all_reasons = []
-    for architecture in ARCHITECTURES.values():
-        reasons = architecture.rejection_reasons(config, base, experts)
+    for architecture in ARCHITECTURES:
+        reasons = architecture.rejection_reasons(config, sources)
         if not reasons:
             return architecture
         all_reasons.append(f"{architecture.name}: " + "; ".join(reasons))

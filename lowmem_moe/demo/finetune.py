@@ -42,9 +42,10 @@ _FILES_FROM_BASE = ("config.json", "generation_config.json", "tokenizer.json", "
 class ExpertRecipe:
     """Training settings for one expert.
 
-    The defaults take about 2 minutes per expert on 2 CPU cores (measured
-    in ``make demo`` with torch 2.13 on an AMD EPYC VM): each step is one
-    forward and backward pass over ``batch_size * sequence_length`` tokens.
+    Each step is one forward and backward pass over ``batch_size *
+    sequence_length`` tokens. With the defaults that took about 3 s on 2
+    otherwise idle cores of an AMD EPYC VM with torch 2.13 (CPU build), so
+    an expert takes about 2 minutes. On a busy machine it takes longer.
     """
 
     name: str

@@ -39,6 +39,9 @@ def run_merge_cli(config_path: Path, output_dir: Path) -> RunMeasurement:
     Raises:
         UserError: The merge exited with a non-zero code.
     """
+    # lowmem-moe creates OUT_DIR itself but expects its parent to exist.
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+
     command = [sys.executable, "-m", "lowmem_moe.cli", "merge", str(config_path), str(output_dir), "--overwrite"]
     logger.info("Merging: %s", " ".join(command))
 

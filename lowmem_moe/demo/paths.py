@@ -59,7 +59,11 @@ def find_repo_root() -> Path:
 
 
 def resolve_paths() -> DemoPaths:
-    """Return the demo's folders, honouring LOWMEM_MOE_DEMO_CACHE and LOWMEM_MOE_DEMO_OUTPUT."""
+    """Return the demo's folders, honouring LOWMEM_MOE_DEMO_CACHE and LOWMEM_MOE_DEMO_OUTPUT.
+
+    The merge runs with ``--overwrite``, so each run replaces whatever the
+    output folder contains.
+    """
     root = find_repo_root()
 
     cache_dir = Path(os.environ.get(CACHE_ENV) or root / ".cache" / "demo")

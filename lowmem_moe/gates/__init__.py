@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import MergeConfig
+from ..config import ExpertConfig, MergeConfig
 from ..embedding_rows import EmbeddingRows
 from ..layer_stream import LayerStream
 from ..sources import MergeSources
@@ -27,15 +27,36 @@ def compute_router_weights(
     seed: int,
     scratch_folder: Path,
     compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+) -> dict[str, torch.Tensor]:
     """Return float32 router weights of shape (layers, experts, hidden) for the config's gate mode.
 
-    ``scratch_folder`` receives an unlinked temporary file for the hidden
-    modes' per-prompt states. ``compute_dtype`` is the dtype in which those
-    modes run the base model's layers.
+    The result maps "experts" to the routed experts' router and, when the
+    config has shared experts, "shared_expert" to their gates, both computed
+    in one pass. ``scratch_folder`` receives an unlinked temporary file for
+    the hidden modes' per-prompt states. ``compute_dtype`` is the dtype in
+    which those modes run the base model's layers.
     """
+    experts = config.experts + config.shared_experts
+    weights = _router_weights(config, experts, sources, seed, scratch_folder, compute_dtype)
+
+    routed = weights[:, : len(config.experts)]
+    warn_similar_experts(routed, config.experts)
+    result = {"experts": routed}
+    if config.shared_experts:
+        result["shared_expert"] = weights[:, len(config.experts) :]
+    return result
+
+
+def _router_weights(
+    config: MergeConfig,
+    experts: tuple[ExpertConfig, ...],
+    sources: MergeSources,
+    seed: int,
+    scratch_folder: Path,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
     base = sources.base.config
-    shape = (base.num_hidden_layers, len(config.experts), base.hidden_size)
+    shape = (base.num_hidden_layers, len(experts), base.hidden_size)
     logger.info("Computing router weights with gate_mode %s", config.gate_mode)
 
     if config.gate_mode == "random":
@@ -46,17 +67,11 @@ def compute_router_weights(
     tokenizer = load_tokenizer(sources.base.folder)
     if config.gate_mode == "cheap_embed":
         with EmbeddingRows(sources.base, EMBEDDING_TENSOR) as embeddings:
-            collect_prompts(config.experts, tokenizer, embeddings.num_rows)
-            weights = cheap_embed_router_weights(config.experts, tokenizer, embeddings, base.num_hidden_layers)
-    elif config.gate_mode in HIDDEN_MODES:
+            collect_prompts(experts, tokenizer, embeddings.num_rows)
+            return cheap_embed_router_weights(experts, tokenizer, embeddings, base.num_hidden_layers)
+    if config.gate_mode in HIDDEN_MODES:
         with LayerStream(sources.base, compute_dtype) as stream:
-            prompts = collect_prompts(config.experts, tokenizer, stream.embeddings.num_rows)
+            prompts = collect_prompts(experts, tokenizer, stream.embeddings.num_rows)
             logger.info("Running %d distinct prompts through %d layers", len(prompts), stream.num_layers)
-            weights = hidden_router_weights(
-                config.experts, prompts, stream, HIDDEN_MODES[config.gate_mode], scratch_folder
-            )
-    else:
-        raise ValueError(f"unknown gate_mode {config.gate_mode!r}")
-
-    warn_similar_experts(weights, config.experts)
-    return weights
+            return hidden_router_weights(experts, prompts, stream, HIDDEN_MODES[config.gate_mode], scratch_folder)
+    raise ValueError(f"unknown gate_mode {config.gate_mode!r}")

@@ -1,0 +1,100 @@
+"""Check a written output against the model that transformers builds from its config.json.
+
+The model is built on the meta device, so the check allocates no weights.
+"""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .checkpoint import Checkpoint
+from .errors import OutputError
+from .shard_format import INDEX_NAME
+
+logger = logging.getLogger(__name__)
+
+# Per-expert checkpoint names, which transformers 5 fuses on load into
+# mlp.experts.gate_up_proj (experts, 2 * intermediate, hidden) and
+# mlp.experts.down_proj (experts, hidden, intermediate).
+PER_EXPERT_PATTERN = re.compile(
+    r"^(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
+GATE_UP_PROJECTIONS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up"}
+
+
+def check_structure(folder: Path) -> None:
+    """Raise OutputError unless every parameter of the model built from config.json has a tensor of its shape.
+
+    Tensor names and shapes come from the index and shard headers. Per-expert
+    tensors are compared in the fused form where the installed transformers
+    builds fused expert parameters.
+    """
+    checkpoint = Checkpoint.open(folder)
+    written = {name: tuple(checkpoint.locate(name).entry.shape) for name in checkpoint.tensor_names}
+    index_names = set(json.loads((Path(folder) / INDEX_NAME).read_text())["weight_map"])
+    if index_names != set(written):
+        raise OutputError(f"{folder}: the index and the shard headers list different tensors.")
+
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+
+    if not set(written) <= set(expected):
+        written = _fused_form(written)
+    _compare(folder, expected, written)
+    logger.info("Structure check passed: %d parameters match %s", len(expected), type(model).__name__)
+
+
+def _fused_form(written: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    result: dict[str, tuple[int, ...]] = {}
+    # layer prefix -> expert -> kind -> shape
+    experts: dict[str, dict[int, dict[str, tuple[int, ...]]]] = {}
+    for name, shape in written.items():
+        match = PER_EXPERT_PATTERN.match(name)
+        if match is None:
+            result[name.replace(".block_sparse_moe.", ".mlp.")] = shape
+            continue
+        prefix, index, projection = match.group(1), int(match.group(2)), match.group(3)
+        kind = GATE_UP_PROJECTIONS.get(projection, "down")
+        experts.setdefault(prefix, {}).setdefault(index, {})[kind] = shape
+
+    for prefix, by_index in experts.items():
+        count = len(by_index)
+        if sorted(by_index) != list(range(count)):
+            continue  # leaves the gap to show up as missing parameters
+        first = by_index[0]
+        if all(set(parts) == {"gate", "up", "down"} for parts in by_index.values()) and all(
+            parts == first for parts in by_index.values()
+        ):
+            intermediate, hidden = first["gate"]
+            result[f"{prefix}.mlp.experts.gate_up_proj"] = (count, 2 * intermediate, hidden)
+            result[f"{prefix}.mlp.experts.down_proj"] = (count, *first["down"])
+    return result
+
+
+def _compare(folder: Path, expected: dict[str, tuple[int, ...]], written: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - set(written))
+    unexpected = sorted(set(written) - set(expected))
+    mismatched = sorted(name for name in set(expected) & set(written) if expected[name] != written[name])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} parameters have no tensor, e.g. {missing[0]!r}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors have no parameter, e.g. {unexpected[0]!r}")
+    if mismatched:
+        name = mismatched[0]
+        problems.append(f"{len(mismatched)} shapes differ, e.g. {name!r}: config gives {list(expected[name])}, "
+                        f"file has {list(written[name])}")
+    if problems:
+        raise OutputError(
+            f"{folder}: the written tensors do not match the model that config.json describes: "
+            + "; ".join(problems)
+            + ". This is a bug in lowmem-moe; please report it with the merge YAML."
+        )
