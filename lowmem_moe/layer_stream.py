@@ -50,13 +50,12 @@ class LayerStream:
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
         """Return the embeddings of a token sequence, shape (tokens, hidden), in the compute dtype."""
-        rows = [self.embeddings.row(token_id) for token_id in token_ids]
-        for token_id, row in zip(token_ids, rows):
-            if not torch.isfinite(row).all():
-                raise SourceError(
-                    f"{self.embeddings.path}: row {token_id} of {EMBEDDING_TENSOR!r} contains NaN or Inf."
-                )
-        return torch.stack(rows).to(self.compute_dtype)
+        rows = torch.stack([self.embeddings.row(token_id) for token_id in token_ids])  # (tokens, hidden)
+        finite = torch.isfinite(rows).all(dim=-1)
+        if not finite.all():
+            token_id = token_ids[int((~finite).nonzero()[0])]
+            raise SourceError(f"{self.embeddings.path}: row {token_id} of {EMBEDDING_TENSOR!r} contains NaN or Inf.")
+        return rows.to(self.compute_dtype)
 
     def load_layer(self, index: int) -> nn.Module:
         """Build decoder layer ``index`` and fill its weights from the checkpoint."""
@@ -75,13 +74,16 @@ class LayerStream:
         return layer
 
     def forward_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Apply a loaded layer to one sequence of shape (tokens, hidden) and return the same shape.
+        """Apply a loaded layer to sequences of equal length and return states of the same shape.
 
-        Positions start at 0 and the mask is causal, with the model's sliding
-        window where this layer uses one, exactly as for a sequence run alone.
+        ``hidden`` is (tokens, hidden) for one sequence or (sequences, tokens,
+        hidden) for several. Positions start at 0 and the mask is causal,
+        with the model's sliding window where this layer uses one, so each
+        sequence gets the states it has when run alone, with no padding.
         """
-        length = hidden.shape[0]
-        states = hidden.unsqueeze(0)  # (1, tokens, hidden)
+        single = hidden.dim() == 2
+        states = hidden.unsqueeze(0) if single else hidden  # (sequences, tokens, hidden)
+        length = states.shape[1]
         position_ids = torch.arange(length).unsqueeze(0)
         position_embeddings = self.rotary(states, position_ids)
         mask = _causal_mask(length, self._sliding_window(index), states.dtype)
@@ -93,7 +95,7 @@ class LayerStream:
             output = output[0]
         if not torch.isfinite(output).all():
             self._raise_non_finite(layer, index)
-        return output[0]
+        return output[0] if single else output
 
     def _raise_non_finite(self, layer: nn.Module, index: int) -> None:
         # Scanning every weight costs time, so it happens only once the

@@ -15,6 +15,10 @@ DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes per output file, as mergekit-moe and t
 # tokenizer; tokenizers with larger vocabularies take more.
 LIBRARY_WARMUP_BYTES = 64 * 1024**2
 
+# Hidden states of one batch of equal-length prompts in the gate pass. A
+# layer's attention and MLP activations for the batch take a few times this.
+STATE_BATCH_BYTES = 32 * 1024**2
+
 # Noise is drawn in fixed blocks of this many float32 elements, each block
 # from its own seed, so that the noise does not depend on the chunk size.
 NOISE_BLOCK_ELEMENTS = 1 << 20
@@ -49,12 +53,13 @@ def router_bytes(num_layers: int, num_experts: int, hidden_size: int) -> int:
 def hidden_pass_bytes(layer_parameters: int, compute_item_size: int, hidden_size: int, max_prompt_tokens: int) -> int:
     """Return the working memory of the hidden gate pass.
 
-    One decoder layer's weights in the compute dtype, plus one prompt's
-    states and the layer's activations for it. The MLP activations of a
-    prompt are bounded here by 16 hidden-size rows per token, an estimate
-    that covers intermediate sizes up to 4 times the hidden size.
+    One decoder layer's weights in the compute dtype, plus one batch of
+    prompt states and the layer's activations for it. Activations are
+    estimated at 8 times the states, which covers MLPs up to 4 times wider
+    than the hidden size; a single prompt longer than a batch counts alone.
     """
-    return layer_parameters * compute_item_size + 16 * 4 * hidden_size * max_prompt_tokens
+    batch_bytes = max(STATE_BATCH_BYTES, 4 * hidden_size * max_prompt_tokens)
+    return layer_parameters * compute_item_size + 8 * batch_bytes
 
 
 def cheap_embed_bytes(num_experts: int, hidden_size: int, chunk_size: int) -> int:

@@ -173,3 +173,22 @@ def test_hidden_merge_end_to_end(tmp_path, tiny_llama, tiny_experts):
     for layer in range(2):
         gate = merged[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
         assert (gate - expected[layer]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("gate_mode", ["hidden", "cheap_embed"])
+def test_infinite_embedding_row_named(tmp_path, gate_mode):
+    base = make_model(tmp_path / "base", TinyModelSpec())
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    token_id = tokenizer("numbers", add_special_tokens=False)["input_ids"][0]
+    tensors = read_tensors(base)
+    tensors["model.embed_tokens.weight"][token_id, 3] = float("inf")
+    from safetensors.torch import save_file
+
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    config = load_merge_config(write_config(tmp_path / "m.yml", base, gate_mode))
+
+    with pytest.raises(UserError) as caught:
+        compute_router_weights(config, open_sources(config), seed=0, scratch_folder=tmp_path)
+
+    assert f"row {token_id}" in str(caught.value)
+    assert "model.embed_tokens.weight" in str(caught.value)
