@@ -94,16 +94,14 @@ def _open_weights(folder: Path) -> tuple[dict[str, Path], list[WeightsFile]]:
         index_path = folder / index_name
         single_path = folder / single_name
         if index_path.is_file():
+            logger.debug("%s: reading weights through %s", folder, index_name)
             weight_map = _read_index(folder, index_path)
-            files = [read(path) for path in sorted(set(weight_map.values()))]
-        elif single_path.is_file():
+            return weight_map, [read(path) for path in sorted(set(weight_map.values()))]
+        if single_path.is_file():
+            logger.debug("%s: reading weights from %s", folder, single_name)
             _check_link_target(single_path, resolved_folder, str(single_path))
             header = read(single_path)
-            weight_map, files = {name: single_path for name in header.tensors}, [header]
-        else:
-            continue
-        logger.debug("%s: reading weights from %s", folder, index_path.name if index_path.is_file() else single_name)
-        return weight_map, files
+            return {name: single_path for name in header.tensors}, [header]
     raise SourceError(
         f"{folder}: no weights found. Expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX}."
     )

@@ -1,4 +1,4 @@
-"""The merge plan: plain data that says which bytes go where, made before any data moves.
+"""The merge plan: plain data that maps every output byte to its source, made before any data moves.
 
 A plan can be printed, serialised to JSON and checked in tests. The writer
 executes it and makes no decisions of its own.
@@ -13,7 +13,7 @@ from .dtypes import ITEM_SIZES
 
 @dataclass(frozen=True)
 class Transform:
-    """What happens to each chunk of a segment on its way from source to output.
+    """The conversion that each chunk of a segment goes through on its way from source to output.
 
     Values are computed in float32 when anything other than a plain copy is
     needed: noise is added first, then the residual scale is applied, then

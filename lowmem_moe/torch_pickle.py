@@ -85,7 +85,7 @@ class StorageRef(_NoBuild):
 
     key: str
     dtype: str  # safetensors code of the storage's elements
-    numel: int  # elements of dtype, so the member holds numel * item size bytes
+    numel: int  # elements of dtype, so the member is numel * item size bytes
 
 
 @dataclass(frozen=True)
@@ -247,10 +247,11 @@ def _with_attributes(record: TensorRecord, state: object) -> TensorRecord:
 
 
 # Every global that RestrictedUnpickler resolves, as "module.name", mapped to
-# our stand-in. These are all that torch.save (torch 1.6 to 2.13) writes for a
-# dict of dense tensors and nn.Parameters.
+# our stand-in. These are the globals that torch.save of torch 2.13 writes for
+# a dict of dense tensors and nn.Parameters (see Tensor._reduce_ex_internal
+# and Parameter.__reduce_ex__ there).
 ALLOWED_GLOBALS: dict[str, object] = {
-    # The state dict itself; building one from pickled items runs no code of the file.
+    # The state dict itself. Building one from pickled items runs no code of the file.
     "collections.OrderedDict": OrderedDict,
     # Tensors and nn.Parameters, with and without extra Python attributes.
     "torch._utils._rebuild_tensor_v2": _Rebuild("_rebuild_tensor_v2", _rebuild_tensor_v2),
@@ -315,8 +316,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         return storage
 
 
-# What a malformed pickle can raise from inside the unpickler, besides the
-# UnpicklingError that our stand-ins raise. Our SourceError passes through.
+# Exceptions that a malformed pickle can raise from inside the unpickler,
+# besides the UnpicklingError of our stand-ins. Our SourceError passes through.
 _MALFORMED_PICKLE_ERRORS = (
     pickle.UnpicklingError,
     EOFError,

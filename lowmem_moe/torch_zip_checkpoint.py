@@ -1,8 +1,8 @@
 """Locate the tensors of a PyTorch zip checkpoint (``pytorch_model.bin``) as byte ranges of the file.
 
 torch.save (torch >= 1.6) writes a zip archive with one top-level folder:
-``<archive>/data.pkl`` pickles the state dict, ``<archive>/data/<key>`` holds
-the raw bytes of each storage, stored without compression, and
+``<archive>/data.pkl`` pickles the state dict, ``<archive>/data/<key>``
+contains the raw bytes of each storage, stored without compression, and
 ``<archive>/byteorder`` records the byte order. The zip module reads only the
 central directory and data.pkl. Each storage's data offset comes from its
 local file header, so the merge can copy tensor bytes straight out of the
@@ -71,10 +71,10 @@ def read_torch_zip(path: Path) -> TorchZipIndex:
     """Locate every tensor of a torch.save zip file without loading tensor data or running pickle code.
 
     Raises:
-        SourceError: the file is not a zip checkpoint (a legacy one gets a
-            conversion hint), its data.pkl names a global that is not
-            allowed, a storage is compressed or out of range, the data is
-            big-endian, or a tensor is not contiguous or not a safetensors dtype.
+        SourceError: the file is not a zip checkpoint, and the message says
+            how to convert a legacy one. Also raised when data.pkl names a
+            global that is not allowed, a storage is compressed or out of
+            range, the data is big-endian, or a tensor is not contiguous.
     """
     path = Path(path)
     try:
@@ -92,7 +92,11 @@ def read_torch_zip(path: Path) -> TorchZipIndex:
     except OSError as error:
         raise SourceError(f"{path}: cannot read the PyTorch checkpoint: {error.strerror or error}.") from error
 
-    tensors = {name: _tensor_entry(path, name, record, members[record.storage.key]) for name, record in records.items()}
+    # Sorted by name, as safetensors headers are, so that a merge writes the
+    # same file whichever format the base comes in.
+    tensors = {
+        name: _tensor_entry(path, name, records[name], members[records[name].storage.key]) for name in sorted(records)
+    }
     _log_dropped_attributes(path, records)
     return TorchZipIndex(path=path, tensors=tensors)
 
@@ -144,9 +148,10 @@ def _read_pickle(path: Path, archive: zipfile.ZipFile) -> tuple[str, bytes]:
 
 
 def _check_byteorder(path: Path, archive: zipfile.ZipFile, prefix: str) -> None:
-    # torch >= 1.10 writes the saving machine's sys.byteorder. Older archives
-    # have none. NOTE: those are read as little-endian, which is what torch
-    # assumes for them on the x86 and ARM machines that wrote nearly all of them.
+    # torch.save records the saving machine's sys.byteorder, but archives
+    # from older torch versions have no record. NOTE: we read those as
+    # little-endian. torch 2.13 assumes the loading machine's native order,
+    # which gives the same result on x86 and ARM machines.
     try:
         info = archive.getinfo(prefix + BYTEORDER_NAME)
     except KeyError:
@@ -205,7 +210,7 @@ def _member_data_start(path: Path, handle: BinaryIO, info: zipfile.ZipInfo) -> i
         raise SourceError(f"{path}: no zip local header at byte {info.header_offset} for {info.filename!r}.")
     if method != zipfile.ZIP_STORED:
         raise SourceError(
-            f"{path}: the local header of {info.filename!r} says zip method {method}, but the central "
+            f"{path}: the local header of {info.filename!r} gives zip method {method}, but the central "
             "directory says stored. The zip file is inconsistent."
         )
     raw_name = handle.read(name_length)
@@ -274,7 +279,7 @@ def _log_dropped_attributes(path: Path, records: dict[str, TensorRecord]) -> Non
     if names:
         attributes = sorted({attribute for name in names for attribute in records[name].python_attributes})
         logger.info(
-            "%s: %d tensors carry extra Python attributes (%s), which lowmem-moe ignores; first: %s",
+            "%s: %d tensors carry extra Python attributes (%s), which lowmem-moe ignores. The first is %s.",
             path,
             len(names),
             ", ".join(attributes),

@@ -130,7 +130,7 @@ def test_bfloat16_gate_pass_close(tmp_path):
 
 def test_parallel_vectors_warned(tmp_path, caplog):
     base = make_model(tmp_path / "base", TinyModelSpec())
-    # Layer 0 sees only each prompt's last token embedding, which is the
+    # Layer 0 receives only each prompt's last token embedding, which is the
     # same here, so the two router vectors of layer 0 are equal.
     positive = [["integrals and numbers"], ["python numbers"]]
     config = load_merge_config(write_config(tmp_path / "m.yml", base, "hidden", positive, [[], []]))

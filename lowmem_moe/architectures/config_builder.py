@@ -27,7 +27,7 @@ def carried_fields(
 
     Raises:
         PlanError: the base has a field that the output cannot express. The
-            message names it and says how to drop it.
+            message names the field and how to drop it.
     """
     accounted = set(carried) | handled | ROPE_FIELDS | IGNORABLE_FIELDS | dropped
     unknown = sorted(key for key in base.raw if key not in accounted)

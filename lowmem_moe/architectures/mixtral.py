@@ -56,7 +56,7 @@ NAMING = MoeNaming(
     },
 )
 
-# What to suggest when sources of another family are given.
+# Suggestions for sources of another model family, by model_type.
 OTHER_FAMILIES = {
     "qwen2": "the sources are Qwen2 models, whose attention has biases and Mixtral's has none, so use "
     "architecture: qwen2_moe, which also needs one shared expert (shared_experts: in the YAML)",
