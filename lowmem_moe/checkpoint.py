@@ -126,12 +126,12 @@ def _read_index(folder: Path, index_path: Path) -> dict[str, Path]:
         if not isinstance(file_name, str):
             raise SourceError(f"{index_path}: tensor {tensor_name!r} maps to an invalid file name {file_name!r}.")
         if file_name not in shard_paths:
-            shard_paths[file_name] = _shard_path(index_path, resolved_folder, tensor_name, file_name)
+            shard_paths[file_name] = resolve_shard_path(index_path, resolved_folder, tensor_name, file_name)
         result[tensor_name] = shard_paths[file_name]
     return result
 
 
-def _shard_path(index_path: Path, resolved_folder: Path, tensor_name: str, file_name: object) -> Path:
+def resolve_shard_path(index_path: Path, resolved_folder: Path, tensor_name: str, file_name: object) -> Path:
     # A shard must be named by a path inside the model folder, so that a
     # downloaded index cannot make us read arbitrary files. Absolute names,
     # ".." parts and subfolders that are symlinks leading out are rejected,

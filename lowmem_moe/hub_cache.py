@@ -7,6 +7,8 @@ Nothing here contacts the network.
 """
 
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from .model_reference import ModelReference
 
 # Spellings of a true environment flag, as huggingface_hub.constants reads them.
 TRUE_FLAG_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
+COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -53,16 +56,14 @@ def hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or any(flag.strip().upper() in TRUE_FLAG_VALUES for flag in flags)
 
 
-def find_cached_file(cache_dir: Path, reference: ModelReference, name: str, revision: str | None = None) -> CachedFile | None:
-    """Return a file of the reference's revision (or of ``revision``) from the cache, or None when it is not cached.
+def find_cached_file(cache_dir: Path, reference: ModelReference, name: str) -> CachedFile | None:
+    """Return a file of the reference's revision from the cache, or None when it is not cached.
 
     A branch or tag resolves through ``refs/`` to the commit that was cached
     last, and a commit hash names its snapshot directly. A file that the
     cache records as absent from the repository also returns None.
     """
-    path = try_to_load_from_cache(
-        reference.repo_id, name, cache_dir=cache_dir, revision=revision or reference.revision_or_default
-    )
+    path = try_to_load_from_cache(reference.repo_id, name, cache_dir=cache_dir, revision=reference.revision_or_default)
     if not isinstance(path, str):
         return None
     # The path is snapshots/<commit>/<name>, where <name> may contain folders.
@@ -73,3 +74,21 @@ def find_cached_file(cache_dir: Path, reference: ModelReference, name: str, revi
 def snapshot_folder(cache_dir: Path, reference: ModelReference, commit: str) -> Path:
     """Return the folder that holds, or will hold, the cached files of ``commit``."""
     return cache_dir / repo_folder_name(repo_id=reference.repo_id, repo_type="model") / "snapshots" / commit
+
+
+def record_ref(cache_dir: Path, reference: ModelReference, commit: str) -> None:
+    """Point ``refs/<revision>`` at ``commit``, so that a later offline run finds the files by branch or tag.
+
+    huggingface_hub writes this file when it downloads by branch or tag.
+    lowmem-moe downloads by commit, so that every file comes from the commit
+    it listed, and therefore writes the ref itself, atomically. A revision
+    that is a commit hash needs no ref.
+    """
+    revision = reference.revision_or_default
+    if COMMIT_PATTERN.fullmatch(revision):
+        return
+    ref_path = cache_dir / repo_folder_name(repo_id=reference.repo_id, repo_type="model") / "refs" / revision
+    ref_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=ref_path.parent, delete=False, encoding="utf-8") as handle:
+        handle.write(commit)  # no newline, as huggingface_hub writes it
+    os.replace(handle.name, ref_path)

@@ -2,7 +2,7 @@
 
 huggingface_hub finds the user's token itself: the HF_TOKEN variable, or the
 file that ``hf auth login`` writes. lowmem-moe never passes, prints or logs
-it. Error messages say only whether a token was found.
+it. Error messages state only whether a token was found.
 """
 
 import logging
@@ -94,33 +94,33 @@ def token_status() -> str:
 
 
 def _hub_error(reference: ModelReference, revision: str, error: Exception, name: str | None = None) -> SourceError:
-    what = f"{reference.repo_id} at revision {revision}" + (f", file {name}" if name else "")
+    subject = f"{reference.repo_id} at revision {revision}" + (f", file {name}" if name else "")
     # Subclasses come before their bases: GatedRepoError is a
     # RepositoryNotFoundError, and LocalEntryNotFoundError (no connection and
     # no cached copy) is an EntryNotFoundError.
     if isinstance(error, LocalEntryNotFoundError):
-        return _network_error(what, reference, error)
+        return _network_error(subject, reference, error)
     if isinstance(error, GatedRepoError):
         return SourceError(
-            f"{what}: the model is gated. Accept its terms on its Hub page, then log in with `hf auth login` "
+            f"{subject}: the model is gated. Accept its terms on its Hub page, then log in with `hf auth login` "
             f"({token_status()})."
         )
     if isinstance(error, RepositoryNotFoundError):
         return SourceError(
-            f"{what}: no such model on the Hub, or it is private and the token cannot access it ({token_status()}). "
+            f"{subject}: no such model on the Hub, or it is private and the token cannot access it ({token_status()}). "
             "Check the name, or log in with `hf auth login`."
         )
     if isinstance(error, RevisionNotFoundError):
-        return SourceError(f"{what}: the Hub has no revision {revision!r} of this model. Check the part after '@'.")
+        return SourceError(f"{subject}: the Hub has no revision {revision!r} of this model. Check the part after '@'.")
     if isinstance(error, EntryNotFoundError):
-        return SourceError(f"{what}: the file is not in the repository at this revision.")
+        return SourceError(f"{subject}: the file is not in the repository at this revision.")
     if isinstance(error, HfHubHTTPError):
-        return SourceError(f"{what}: the Hub request failed: {error}")
-    return _network_error(what, reference, error)
+        return SourceError(f"{subject}: the Hub request failed: {error}")
+    return _network_error(subject, reference, error)
 
 
-def _network_error(what: str, reference: ModelReference, error: Exception) -> SourceError:
+def _network_error(subject: str, reference: ModelReference, error: Exception) -> SourceError:
     return SourceError(
-        f"{what}: cannot reach the Hugging Face Hub ({type(error).__name__}: {error}). Check the network connection, "
+        f"{subject}: cannot reach the Hugging Face Hub ({type(error).__name__}: {error}). Check the network connection, "
         f"or fetch the model on a machine that has one with `{reference.download_command()}` and copy the cache."
     )

@@ -26,7 +26,7 @@ EXPERT_TENSOR_PATTERN = re.compile(r"^model\.layers\.\d+\.mlp\.")
 
 
 class ModelRole(Enum):
-    """What the merge reads from a model."""
+    """The part of a model that the merge reads."""
 
     BASE = "base"  # every tensor, the tokenizer and generation_config.json
     EXPERT = "expert"  # the MLP tensors only

@@ -19,7 +19,7 @@ REVISION_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 
 @dataclass(frozen=True)
 class ModelReference:
-    """A Hub model repository and the revision the YAML asks for."""
+    """A Hub model repository and the revision that the YAML requests."""
 
     text: str  # as written in the YAML
     repo_id: str  # "org/name", or "name" for the Hub's older un-namespaced models

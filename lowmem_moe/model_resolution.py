@@ -11,10 +11,10 @@ Resolution has two steps, so that ``plan`` can show what a merge would
 download before any weights move:
 
 - ``resolve_sources`` decides which files the merge needs from each model.
-  For a model that the cache lacks, or has only in part, it asks the Hub for
-  the repository's file list and sizes and downloads config.json and the
-  weight index (small JSON files) into the cache. With HF_HUB_OFFLINE=1 it
-  reads only the cache, and a missing file is an error.
+  For a model that the cache lacks, or has only in part, it requests the
+  repository's file list and sizes from the Hub and downloads config.json
+  and the weight index (small JSON files) into the cache. In offline mode
+  (HF_HUB_OFFLINE=1) it reads only the cache, and a missing file is an error.
 - ``download_pending`` downloads the remaining files into the cache. Only
   ``merge`` calls it.
 """
@@ -26,11 +26,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import SAFETENSORS_INDEX
 from .config import MergeConfig
 from .errors import SourceError
-from .hub_cache import find_cached_file, hub_cache_dir, hub_offline, snapshot_folder
+from .hub_cache import find_cached_file, hub_cache_dir, hub_offline, record_ref, snapshot_folder
 from .hub_download import RepoListing, fetch_file, fetch_listing
-from .checkpoint import SAFETENSORS_INDEX
 from .hub_files import CONFIG_FILE, INDEX_FILES, ModelRole, choose_weights_file, needed_shards, select_files
 from .model_reference import ModelReference, parse_model_reference
 from .output_files import TOKENIZER_VOCABULARY_FILES
@@ -49,7 +49,7 @@ class PendingFile:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where one model of the YAML lies, and what must be downloaded before the merge reads it."""
+    """The location of one model of the YAML, and the files to download before the merge reads it."""
 
     reference: str  # as written in the YAML
     label: str  # where the YAML names it first, such as "the expert on line 7"
@@ -130,7 +130,7 @@ def resolve_sources(config: MergeConfig) -> SourceResolution:
 
     Raises:
         SourceError: a model is neither a local folder nor a Hub model, is
-            missing from the cache in offline mode, or the Hub refused the
+            missing from the cache in offline mode, or the Hub rejected the
             request. The message names the YAML line.
     """
     uses = [_Use(f"base_model on line {config.base_line}", config.base_reference, config.base_model, ModelRole.BASE)]
@@ -226,10 +226,15 @@ def _resolve_hub(reference: ModelReference, use: _Use, role: ModelRole, cache_di
     else:
         if offline:
             raise SourceError(_not_cached_message(reference, use.local_path, cache_dir))
-        listing = fetch_listing(reference, reference.revision_or_default)
+        try:
+            listing = fetch_listing(reference, reference.revision_or_default)
+        except SourceError as error:
+            # The user may have meant a local folder, so both failures are named.
+            raise SourceError(f"Model folder not found: {use.local_path}, and {error}") from error
 
     folder = snapshot_folder(cache_dir, reference, listing.commit)
     _fetch_metadata(reference, listing, folder, cache_dir)
+    record_ref(cache_dir, reference, listing.commit)
     model = _select(reference, use, role, listing.commit, folder, set(listing.sizes), listing)
     if model is None:
         raise SourceError(
@@ -327,9 +332,9 @@ def _check_cache_space(resolution: SourceResolution) -> None:
 def _not_cached_message(reference: ModelReference, local_path: Path, cache_dir: Path) -> str:
     return (
         f"Model folder not found: {local_path}, and {reference.repo_id} at revision {reference.revision_or_default} "
-        f"is not in the Hugging Face cache at {cache_dir}. HF_HUB_OFFLINE is set, so it cannot be downloaded. "
-        f"Fetch it with `{reference.download_command()}` while online, or unset HF_HUB_OFFLINE to let lowmem-moe "
-        "download only the files the merge needs."
+        f"is not in the Hugging Face cache at {cache_dir}. HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so it "
+        f"cannot be downloaded. Fetch it with `{reference.download_command()}` while online, or unset the variable "
+        "to let lowmem-moe download only the files the merge needs."
     )
 
 
@@ -342,6 +347,6 @@ def _incomplete_cache_message(
     command = reference.download_command(files, commit)
     return (
         f"{reference.repo_id}: the Hugging Face cache has commit {commit} ({folder}) only in part. Missing: "
-        f"{', '.join([*missing_files, *gaps])}. HF_HUB_OFFLINE is set, so nothing can be downloaded. Fetch the "
-        f"files with `{command}` while online, or unset HF_HUB_OFFLINE."
+        f"{', '.join([*missing_files, *gaps])}. HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing can be "
+        f"downloaded. Fetch the files with `{command}` while online, or unset the variable."
     )

@@ -7,7 +7,7 @@ them are not downloaded, and a cached snapshot may lack them.
 import json
 from pathlib import Path, PurePosixPath
 
-from .checkpoint import SAFETENSORS_INDEX, Checkpoint, _shard_path
+from .checkpoint import SAFETENSORS_INDEX, Checkpoint, resolve_shard_path
 from .errors import SourceError
 from .model_config import read_model_config
 from .safetensors_header import read_header
@@ -46,20 +46,20 @@ def open_partial_checkpoint(folder: Path, shard_files: frozenset[str]) -> Checkp
     index_path = folder / SAFETENSORS_INDEX
     weight_map = read_weight_map(index_path)
 
-    # _shard_path applies Checkpoint.open's checks: the shard must exist and
+    # resolve_shard_path applies Checkpoint.open's checks: the shard must exist and
     # must not lead outside the folder, except into the cache's blobs/.
     resolved_folder = folder.resolve()
     shard_paths: dict[str, Path] = {}
-    kept: dict[str, Path] = {}
+    tensor_paths: dict[str, Path] = {}
     for tensor_name, file_name in weight_map.items():
         if file_name not in shard_files:
             continue
         if file_name not in shard_paths:
-            shard_paths[file_name] = _shard_path(index_path, resolved_folder, tensor_name, file_name)
-        kept[tensor_name] = shard_paths[file_name]
+            shard_paths[file_name] = resolve_shard_path(index_path, resolved_folder, tensor_name, file_name)
+        tensor_paths[tensor_name] = shard_paths[file_name]
 
     headers = [read_header(path) for path in sorted(set(shard_paths.values()))]
-    return Checkpoint(folder, config, headers, kept)
+    return Checkpoint(folder, config, headers, tensor_paths)
 
 
 def _is_plain_relative_name(name: object) -> bool:
