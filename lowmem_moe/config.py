@@ -92,7 +92,16 @@ def load_merge_config(path: Path) -> MergeConfig:
         raise ConfigError(
             f"{path}: not valid UTF-8 (byte {error.start} is 0x{data[error.start]:02x}). Save the file as UTF-8."
         ) from error
+    return parse_merge_config(text, path)
 
+
+def parse_merge_config(text: str, path: Path) -> MergeConfig:
+    """Validate merge YAML text as if it were read from ``path``, against whose folder relative paths resolve.
+
+    Raises:
+        ConfigError: the text is not valid YAML or breaks the schema.
+    """
+    path = Path(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as error:

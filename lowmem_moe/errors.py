@@ -23,3 +23,7 @@ class PlanError(UserError):
 
 class OutputError(UserError):
     """The output folder cannot be written."""
+
+
+class DiskFullError(OutputError):
+    """The output disk filled up during the merge; the partial output is kept for a resume."""

@@ -2,19 +2,23 @@
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .config import MergeConfig, load_merge_config
 from .dtypes import torch_dtype
-from .errors import OutputError, PlanError, UserError
+from .errors import DiskFullError, OutputError, PlanError, UserError
 from .gates import compute_router_weights
+from .merge_progress import load_router_weights, merge_fingerprint, save_router_weights
+from .merge_record import make_record, record_block
 from .model_card import model_card
 from .model_resolution import SourceResolution, download_pending, resolve_sources
 from .output_files import copy_base_files, has_tokenizer, metadata_file_sizes, write_config, write_index
 from .output_folder import OutputFolder
 from .plan import MergePlan
 from .plan_executor import write_shards
+from .shard_format import shard_file_size
+from .shard_writer import shard_is_complete
 from .planner import PlanOptions, build_plan
 from .sources import MergeSources, open_sources
 from .structure_check import check_structure
@@ -86,10 +90,13 @@ def free_disk_bytes(out_dir: Path) -> int:
 def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite: bool = False) -> Path:
     """Merge the models of a YAML into a MoE checkpoint at ``out_dir`` and return its path.
 
-    The output appears at ``out_dir`` only when complete. On failure or
-    interruption the staging folder is removed and ``out_dir`` is unchanged.
-    Files of Hub models that the merge needs and the Hugging Face cache
-    lacks are downloaded into the cache first, and stay there.
+    The output appears at ``out_dir`` only when complete. A merge that is
+    killed, interrupted or stopped by a full disk keeps its progress in a
+    hidden staging folder next to ``out_dir``, and rerunning the same merge
+    resumes it: finished shards are checked and kept, and the router
+    weights are reused. Bad input discovered late removes the staging
+    folder. Files of Hub models that the merge needs and the Hugging Face
+    cache lacks are downloaded into the cache first, and stay there.
 
     Raises:
         UserError: bad input, too little disk space, or an output folder
@@ -99,32 +106,56 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
     output.check_target()
 
     prepared = prepare_merge(config_path, options, download=True)
-    needed = disk_bytes_needed(prepared)
-    free = free_disk_bytes(out_dir)
-    if needed + DISK_MARGIN_BYTES > free:
-        raise OutputError(
-            f"Not enough disk space at {Path(out_dir).absolute().parent}: the merge writes {needed:,} bytes and "
-            f"{free:,} are free. Free at least {needed + DISK_MARGIN_BYTES - free:,} bytes or choose another OUT_DIR."
-        )
-
-    router_weights = compute_router_weights(
-        prepared.config,
-        prepared.sources,
-        options.seed,
-        scratch_folder=output.target.parent,
-        compute_dtype=torch_dtype(options.gate_dtype),
-    )
-
-    staging = output.create()
+    plan = prepared.plan
+    fingerprint = merge_fingerprint(prepared.config.text, asdict(options), plan)
+    resumed = output.open_staging(fingerprint)
+    staging = output.staging
+    pending = [shard for shard in plan.shards if not (resumed and shard_is_complete(staging, shard))]
+    if resumed:
+        logger.info("%d of %d shards are already complete", len(plan.shards) - len(pending), len(plan.shards))
     try:
-        write_shards(prepared.plan, staging, router_weights)
-        write_index(prepared.plan, staging)
-        write_config(prepared.plan.output_config, staging)
+        _check_disk_space(prepared, pending, staging)
+    except OutputError:
+        # A fresh staging folder is empty and goes; resumed progress stays.
+        if resumed:
+            output.keep()
+        else:
+            output.discard()
+        raise
+
+    try:
+        router_weights = load_router_weights(staging) if resumed else None
+        if router_weights is None:
+            router_weights = compute_router_weights(
+                prepared.config,
+                prepared.sources,
+                options.seed,
+                scratch_folder=output.target.parent,
+                compute_dtype=torch_dtype(options.gate_dtype),
+            )
+            save_router_weights(staging, router_weights)
+        else:
+            logger.info("Reusing the router weights of the interrupted run")
+
+        write_shards(replace(plan, shards=tuple(pending)), staging, router_weights)
+        write_index(plan, staging)
+        write_config(plan.output_config, staging)
         copy_base_files(prepared.sources.base, staging)
-        card = model_card(prepared.config, prepared.plan, options.seed, prepared.resolution)
+        record = make_record(config_path, prepared.config.text, options)
+        card = model_card(prepared.config, plan, options.seed, prepared.resolution) + "\n" + record_block(record)
         (staging / "README.md").write_text(card, encoding="utf-8")
         check_structure(staging)
         published = output.publish()
+    except DiskFullError as error:
+        output.keep()
+        remaining = sum(shard_file_size(shard) for shard in plan.shards if not shard_is_complete(staging, shard))
+        raise DiskFullError(
+            f"{error} The disk at {output.target.parent} is full. The merge still needs {remaining:,} bytes there. "
+            f"Free that much and rerun the same command to resume; {out_dir} is unchanged."
+        ) from error
+    except KeyboardInterrupt:
+        output.keep()
+        raise
     except OSError as error:
         output.discard()
         raise OutputError(f"Writing the output failed: {error}. {out_dir} is unchanged.") from error
@@ -136,3 +167,15 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
         raise
     logger.info("Merged model written to %s", published)
     return published
+
+
+def _check_disk_space(prepared: PreparedMerge, pending: list, staging: Path) -> None:
+    # Shards that a resumed merge keeps are already on the disk.
+    done = sum(shard_file_size(shard) for shard in prepared.plan.shards if shard not in pending)
+    needed = disk_bytes_needed(prepared) - done
+    free = shutil.disk_usage(staging).free
+    if needed + DISK_MARGIN_BYTES > free:
+        raise OutputError(
+            f"Not enough disk space at {staging.parent}: the merge writes {needed:,} more bytes and "
+            f"{free:,} are free. Free at least {needed + DISK_MARGIN_BYTES - free:,} bytes or choose another OUT_DIR."
+        )

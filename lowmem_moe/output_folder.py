@@ -2,7 +2,9 @@
 
 Nothing at OUT_DIR looks like a model until the last file is written: the
 merge writes into a hidden sibling folder and renames it to OUT_DIR at the
-end. A failed merge removes its staging folder.
+end. A merge that fails on bad input removes its staging folder. One that is
+killed, interrupted or stopped by a full disk leaves it, and a rerun of the
+same merge resumes from it.
 """
 
 import enum
@@ -11,11 +13,14 @@ import os
 import shutil
 from pathlib import Path
 
+from typing import Any
+
 from .errors import OutputError
+from .merge_progress import JOURNAL_NAME, mismatch_reason, read_journal, remove_progress_files, write_journal
 
 logger = logging.getLogger(__name__)
 
-STAGING_MARKER = ".lowmem-moe-staging"
+STAGING_MARKER = JOURNAL_NAME
 
 
 class FolderState(enum.Enum):
@@ -50,31 +55,41 @@ class OutputFolder:
         if not self.target.parent.is_dir():
             raise OutputError(f"Parent folder of {self.target} does not exist. Create it first.")
 
-    def create(self) -> Path:
-        """Create an empty staging folder, removing one left by an earlier failed run."""
-        self._expect(FolderState.NEW, "create")
+    def open_staging(self, fingerprint: dict[str, Any]) -> bool:
+        """Create the staging folder, or reopen the one of an interrupted run of the same merge.
+
+        Returns whether earlier progress is resumed. Progress of a different
+        merge is removed, and the log says why.
+        """
+        self._expect(FolderState.NEW, "open_staging")
         self.check_target()
         if self.staging.exists():
             if not (self.staging / STAGING_MARKER).is_file():
                 raise OutputError(
                     f"{self.staging} exists but was not made by lowmem-moe. Move it away and run again."
                 )
-            logger.info("Removing the staging folder of an earlier run: %s", self.staging)
+            reason = mismatch_reason(read_journal(self.staging), fingerprint)
+            if reason is None:
+                logger.info("Resuming the interrupted merge in %s", self.staging)
+                self.state = FolderState.STAGING
+                return True
+            logger.warning("Not resuming the earlier progress in %s, because %s. Starting over.", self.staging, reason)
             shutil.rmtree(self.staging)
         try:
             self.staging.mkdir()
-            (self.staging / STAGING_MARKER).touch()
+            write_journal(self.staging, fingerprint)
         except OSError as error:
             raise OutputError(f"Cannot create {self.staging}: {error.strerror or error}.") from error
         self.state = FolderState.STAGING
-        return self.staging
+        return False
 
     def publish(self) -> Path:
         """Move the staged files into place as the finished model folder."""
         self._expect(FolderState.STAGING, "publish")
-        (self.staging / STAGING_MARKER).unlink()
         _fsync_folder(self.staging)
 
+        # The staging folder keeps its journal until it has its final name,
+        # so a run killed before the rename still finds resumable progress.
         if self.target.is_dir() and any(self.target.iterdir()):
             # Only reachable with overwrite, which check_target verified.
             retired = self.target.parent / f".{self.target.name}.lowmem-moe-replaced"
@@ -87,9 +102,15 @@ class OutputFolder:
             if self.target.is_dir():
                 self.target.rmdir()
             os.rename(self.staging, self.target)
+        remove_progress_files(self.target)
         _fsync_folder(self.target.parent)
         self.state = FolderState.PUBLISHED
         return self.target
+
+    def keep(self) -> None:
+        """Leave the staging folder for a later resume, after an interruption or a full disk."""
+        if self.state is FolderState.STAGING:
+            logger.info("Progress kept in %s; rerun the same command to resume.", self.staging)
 
     def discard(self) -> None:
         """Remove the staging folder. Safe to call in any state."""

@@ -5,11 +5,12 @@ so a file with the final name is always a whole shard.
 """
 
 import enum
+import errno
 import os
 from pathlib import Path
 
 from .byte_copy import copy_range
-from .errors import OutputError, SourceError
+from .errors import DiskFullError, OutputError, SourceError
 from .plan import PlannedShard, PlannedTensor
 from .shard_format import shard_header_bytes
 
@@ -171,4 +172,23 @@ def _write_all(file, data: memoryview) -> None:
 
 
 def _output_error(path: Path, error: OSError) -> OutputError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"Cannot write {path}: {error.strerror}.")
     return OutputError(f"Cannot write {path}: {error.strerror or error}.")
+
+
+def shard_is_complete(folder: Path, shard: PlannedShard) -> bool:
+    """Return whether ``folder`` holds this shard under its final name, with the planned size and header.
+
+    A shard gets its final name only after it was written in full and
+    flushed, so this check is what a resumed merge relies on to skip it.
+    """
+    path = Path(folder) / shard.file_name
+    header = shard_header_bytes(shard)
+    try:
+        if path.stat().st_size != len(header) + shard.data_size:
+            return False
+        with open(path, "rb") as handle:
+            return handle.read(len(header)) == header
+    except OSError:
+        return False
