@@ -281,3 +281,14 @@ def test_noise_and_residual_scale(tmp_path, tiny_llama, tiny_experts):
     )
     # Attention weights come from the base and get no noise.
     assert torch.equal(first["model.layers.0.self_attn.q_proj.weight"], read_tensors(tiny_llama)["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_sources_left_unchanged(tmp_path, tiny_llama, tiny_experts):
+    config = merge_yaml(tmp_path / "merge.yml", tiny_llama, tiny_experts, gate_mode="hidden")
+    folders = [tiny_llama, *tiny_experts]
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for folder in folders for path in folder.iterdir()}
+
+    merge(config, tmp_path / "out")
+    after = {path: (path.read_bytes(), path.stat().st_mtime_ns) for folder in folders for path in folder.iterdir()}
+
+    assert after == before
