@@ -18,6 +18,7 @@ from .model_resolution import resolve_sources
 from .plan_report import download_report, format_bytes, plan_summary, plan_tensor_lines
 from .planner import PlanOptions
 from .routing_report import format_routes, route_prompts
+from .verify import verify_output
 
 logger = logging.getLogger("lowmem_moe")
 
@@ -80,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_argument("--layers", action="store_true", help="show the shares of every layer, not only the total")
     routes.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     routes.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+    verify = commands.add_parser(
+        "verify", help="compare every byte of a merged model with its sources, using the config recorded in its model card"
+    )
+    verify.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="merged model folder")
+    verify.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=None,
+        help="bytes read from a source per step; memory use grows with it (default: the chunk size of the merge)",
+    )
+    verify.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    verify.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return parser
 
 
@@ -137,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     if args.command == "routes":
         return _run_reporting_errors(lambda: _routes_command(args), args.model)
-    if args.chunk_size < MIN_CHUNK_SIZE:
+    if args.chunk_size is not None and args.chunk_size < MIN_CHUNK_SIZE:
         logger.error("--chunk-size must be at least %s.", format_bytes(MIN_CHUNK_SIZE))
         return 2
+    if args.command == "verify":
+        return _run_reporting_errors(lambda: _verify_command(args), args.out_dir)
 
     options = PlanOptions(
         shard_size=args.shard_size,
@@ -170,6 +186,15 @@ def _run_reporting_errors(command, out_dir: Path) -> int:
 def _routes_command(args: argparse.Namespace) -> int:
     routes = route_prompts(args.model, args.prompts, torch_dtype(dtype_code_from_name(args.dtype)))
     print(format_routes(routes, per_layer=args.layers))
+    return 0
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    report = verify_output(args.out_dir, chunk_size=args.chunk_size)
+    if not report.ok:
+        logger.error("%s", report.summary())
+        return 1
+    print(report.summary())
     return 0
 
 

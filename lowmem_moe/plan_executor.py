@@ -2,6 +2,7 @@
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class SourceFiles:
         while filled < len(buffer):
             count = os.preadv(descriptor, [buffer[filled:]], offset + filled)
             if count == 0:
-                raise SourceError(f"{path}: file ended at byte {offset + filled}; it changed or was truncated during the merge.")
+                raise SourceError(f"{path}: file ended at byte {offset + filled}. It changed or was truncated after its header was read.")
             filled += count
 
     def descriptor(self, path: Path) -> int:
@@ -79,12 +80,28 @@ def write_shards(plan: MergePlan, folder: Path, router_weights: dict[str, torch.
     return written
 
 
+def output_chunks(
+    tensor: PlannedTensor, sources: SourceFiles, buffer: bytearray, router_weights: dict[str, torch.Tensor]
+) -> Iterator[memoryview]:
+    """Yield the output bytes of ``tensor`` in order, as the merge writes them.
+
+    Source bytes are read into ``buffer``, so a chunk is valid only until the
+    next one is requested. A chunk of a segment contains at most ``len(buffer)``
+    source bytes, which a dtype conversion may widen, and a router is yielded
+    as one chunk of (experts, hidden) values.
+    """
+    source = tensor.source
+    if isinstance(source, GateSource):
+        yield _router_bytes(tensor, source, router_weights)
+        return
+    for segment in source.segments:
+        yield from _segment_chunks(segment, sources, buffer)
+
+
 def _write_tensor(writer: ShardWriter, tensor: PlannedTensor, sources: SourceFiles, buffer: bytearray, router_weights, progress) -> None:
     source = tensor.source
     if isinstance(source, GateSource):
-        rows = router_weights[source.router][source.layer].to(torch.float32).contiguous()  # (experts, hidden)
-        raw = memoryview(rows.view(torch.uint8).numpy()).cast("B")
-        chunk = transform_chunk(raw, "F32", Transform(out_dtype=tensor.dtype), 0)
+        chunk = _router_bytes(tensor, source, router_weights)
         writer.write(chunk)
         progress.update(len(chunk))
         return
@@ -93,9 +110,15 @@ def _write_tensor(writer: ShardWriter, tensor: PlannedTensor, sources: SourceFil
         if segment.transform.is_copy_of(segment.dtype):
             _copy_segment(writer, segment, sources, buffer, progress)
         else:
-            for chunk in _transformed_chunks(segment, sources, buffer):
+            for chunk in _segment_chunks(segment, sources, buffer):
                 writer.write(chunk)
                 progress.update(len(chunk))
+
+
+def _router_bytes(tensor: PlannedTensor, source: GateSource, router_weights: dict[str, torch.Tensor]) -> memoryview:
+    rows = router_weights[source.router][source.layer].to(torch.float32).contiguous()  # (experts, hidden)
+    raw = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+    return transform_chunk(raw, "F32", Transform(out_dtype=tensor.dtype), 0)
 
 
 def _copy_segment(writer: ShardWriter, segment: Segment, sources: SourceFiles, buffer: bytearray, progress) -> None:
@@ -110,7 +133,8 @@ def _copy_segment(writer: ShardWriter, segment: Segment, sources: SourceFiles, b
         position += count
 
 
-def _transformed_chunks(segment: Segment, sources: SourceFiles, buffer: bytearray):
+def _segment_chunks(segment: Segment, sources: SourceFiles, buffer: bytearray) -> Iterator[memoryview]:
+    # A segment whose transform is a copy yields views of ``buffer`` itself.
     item_size = ITEM_SIZES[segment.dtype]
     # Chunks hold whole elements so that each converts on its own.
     chunk_capacity = max(item_size, len(buffer) // item_size * item_size)
