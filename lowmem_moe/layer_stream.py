@@ -134,6 +134,10 @@ def _load_config(checkpoint: Checkpoint) -> PretrainedConfig:
     # The eager attention adds our explicit mask, so no implementation
     # detail decides about causality.
     config._attn_implementation = "eager"
+    # MoE layers built alone, as routes does, would otherwise warn that no
+    # experts implementation was chosen. transformers 4.x has no such setting.
+    if hasattr(config, "_experts_implementation"):
+        config._experts_implementation = "eager"
     return config
 
 

@@ -43,7 +43,7 @@ def run_demo(paths: DemoPaths) -> None:
     from lowmem_moe.demo.fetch import ensure_base_model
     from lowmem_moe.demo.finetune import EXPERT_RECIPES, ensure_expert
     from lowmem_moe.demo.generate import DEMO_PROMPTS, generate_reply, load_merged_model
-    from lowmem_moe.demo.merge import expert_labels, run_merge_cli, write_merge_config
+    from lowmem_moe.demo.merge import expert_labels, run_merge_cli, run_routes_cli, write_merge_config
     from lowmem_moe.demo.report import print_report
 
     stage_seconds: dict[str, float] = {}
@@ -67,6 +67,7 @@ def run_demo(paths: DemoPaths) -> None:
     stage_seconds["load and generate"] = time.perf_counter() - started
 
     print_report(replies, expert_labels(config_path), merge, paths.output_dir, stage_seconds)
+    run_routes_cli(paths.output_dir, expert_labels(config_path))
 
 
 if __name__ == "__main__":
