@@ -92,9 +92,9 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
 
     The output appears at ``out_dir`` only when complete. A merge that is
     killed, interrupted or stopped by a full disk keeps its progress in a
-    hidden staging folder next to ``out_dir``, and rerunning the same merge
-    resumes it: finished shards are checked and kept, and the router
-    weights are reused. Bad input discovered late removes the staging
+    hidden staging folder next to ``out_dir``. Rerunning the same merge
+    resumes it, keeping the finished shards that pass a check and reusing
+    the router weights. Bad input discovered late removes the staging
     folder. Files of Hub models that the merge needs and the Hugging Face
     cache lacks are downloaded into the cache first, and stay there.
 

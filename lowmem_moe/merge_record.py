@@ -1,6 +1,6 @@
 """The machine-readable record of a merge, kept in the output's model card.
 
-It holds what is needed to rebuild the plan later: the YAML text, where the
+It contains what is needed to rebuild the plan later: the YAML text, where the
 YAML was (relative model paths resolve against that folder) and the options.
 """
 
@@ -21,7 +21,7 @@ RECORD_PATTERN = re.compile(re.escape(RECORD_START) + r"\n(.*?)\n" + re.escape(R
 
 @dataclass(frozen=True)
 class MergeRecord:
-    """What a merge was run with."""
+    """The inputs and options of one merge."""
 
     tool_version: str
     config_path: str  # absolute path of the YAML when the merge ran

@@ -59,7 +59,7 @@ class OutputFolder:
         """Create the staging folder, or reopen the one of an interrupted run of the same merge.
 
         Returns whether earlier progress is resumed. Progress of a different
-        merge is removed, and the log says why.
+        merge is removed, with a warning that gives the reason.
         """
         self._expect(FolderState.NEW, "open_staging")
         self.check_target()
