@@ -8,7 +8,7 @@ from pathlib import Path
 from .config import MergeConfig, load_merge_config
 from .dtypes import torch_dtype
 from .errors import DiskFullError, OutputError, PlanError, UserError
-from .gates import compute_router_weights
+from .gates import check_prompts, compute_router_weights
 from .merge_progress import load_router_weights, merge_fingerprint, save_router_weights
 from .merge_record import make_record, record_block
 from .model_card import model_card
@@ -106,6 +106,7 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
     output.check_target()
 
     prepared = prepare_merge(config_path, options, download=True)
+    check_prompts(prepared.config, prepared.sources)
     plan = prepared.plan
     fingerprint = merge_fingerprint(prepared.config.text, asdict(options), plan)
     resumed = output.open_staging(fingerprint)

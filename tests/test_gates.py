@@ -156,3 +156,4 @@ def test_token_beyond_embedding_rejected(tmp_path):
     assert "beyond the 100 rows" in str(caught.value)
     assert "id 120" in str(caught.value)
     assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))

@@ -21,6 +21,19 @@ logger = logging.getLogger(__name__)
 EMBEDDING_TENSOR = "model.embed_tokens.weight"
 
 
+def check_prompts(config: MergeConfig, sources: MergeSources) -> None:
+    """Tokenize every prompt and raise UserError for prompts the gate pass cannot use.
+
+    A merge calls this before it writes anything, so that an empty prompt
+    without a BOS token, or a token without an embedding row, fails fast.
+    """
+    if config.gate_mode in ("random", "uniform_random"):
+        return
+    tokenizer = load_tokenizer(sources.base.folder)
+    num_rows = sources.base.locate(EMBEDDING_TENSOR).entry.shape[0]
+    collect_prompts(config.experts + config.shared_experts, tokenizer, num_rows)
+
+
 def compute_router_weights(
     config: MergeConfig,
     sources: MergeSources,
