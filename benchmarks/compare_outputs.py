@@ -9,8 +9,10 @@ mergekit-moe 0.1.5 writes the transformers 5 layout: one
 mapping (transformers 5.25.0, used by mergekit-moe) builds gate_up_proj: it
 stacks the experts' w1 and w3, then concatenates the two on dimension 1.
 Rows [0, intermediate) of expert e are therefore its w1 (gate_proj), and
-rows [intermediate, 2 * intermediate) its w3 (up_proj). Routers are left
-out, because random gates differ by design.
+rows [intermediate, 2 * intermediate) its w3 (up_proj). Routers are
+reported apart and do not count as differences, because the tools need not
+draw the same random gates, and hidden gates differ by design (see the
+results page).
 
 Tensors are read in blocks of rows through ``safe_open(...).get_slice``, so
 memory stays at two blocks, whatever the tensor size.
@@ -56,6 +58,11 @@ class ComparisonReport:
     only_in_first: list[str] = field(default_factory=list)
     only_in_second: list[str] = field(default_factory=list)
     excluded_routers: list[str] = field(default_factory=list)
+    # Routers are reported apart: how many are bit for bit equal, and the
+    # lowest cosine similarity between matching rows (one per expert and layer).
+    routers_compared: int = 0
+    routers_equal: int = 0
+    router_min_cosine: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +72,9 @@ class ComparisonReport:
             "only_in_lowmem_moe": self.only_in_first,
             "only_in_mergekit_moe": self.only_in_second,
             "excluded_routers": self.excluded_routers,
+            "routers_compared": self.routers_compared,
+            "routers_equal": self.routers_equal,
+            "router_min_cosine": self.router_min_cosine,
         }
 
 
@@ -98,6 +108,12 @@ def compare_outputs(lowmem_dir: Path, mergekit_dir: Path) -> ComparisonReport:
         for name in sorted(first):
             if ROUTER_PATTERN.match(name):
                 report.excluded_routers.append(name)
+                similarity = _router_similarity(name, first, second, handle)
+                if similarity is not None:
+                    equal, cosine = similarity
+                    report.routers_compared += 1
+                    report.routers_equal += int(equal)
+                    report.router_min_cosine = min(cosine, report.router_min_cosine or cosine)
                 continue
             counterpart = _counterpart(name, second, handle)
             if counterpart is None:
@@ -117,6 +133,20 @@ def compare_outputs(lowmem_dir: Path, mergekit_dir: Path) -> ComparisonReport:
         elif name not in used_second:
             report.only_in_second.append(name)
     return report
+
+
+def _router_similarity(name: str, first: dict[str, Path], second: dict[str, Path], handle) -> tuple[bool, float] | None:
+    # Routers are (experts, hidden) and small, so they are read whole.
+    other = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+    if other not in second:
+        return None
+    left = handle(first[name]).get_tensor(name)
+    right = handle(second[other]).get_tensor(other)
+    if left.shape != right.shape:
+        return None
+    equal = left.dtype == right.dtype and torch.equal(_bits(left), _bits(right))
+    cosine = torch.nn.functional.cosine_similarity(left.double(), right.double(), dim=1).min().item()
+    return equal, cosine
 
 
 def _counterpart(name: str, second: dict[str, Path], handle) -> TensorView | None:

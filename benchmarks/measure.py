@@ -34,6 +34,9 @@ class RunRecord:
     wall_seconds: float | None = None
     sampled_peak_rss_bytes: int | None = None  # psutil, summed over the process tree
     rusage_peak_rss_bytes: int | None = None  # ru_maxrss from wait4, the largest single process
+    # Sampled like sampled_peak_rss_bytes, but only from the moment the
+    # merge's copy phase starts (its "Writing shards" progress bar).
+    copy_phase_peak_rss_bytes: int | None = None
     bytes_written: int | None = None
     page_cache: str | None = None  # how the page cache was dropped before the run
     # Load from other processes: the 1-minute load average before the run
@@ -76,12 +79,14 @@ def measure_logged(
     work_folder: Path,
     page_cache: str | None,
     env: Mapping[str, str] | None = None,
+    copy_phase_marker: str | None = None,
 ) -> RunRecord:
     """Run ``command`` under the resource monitor with stdout and stderr in ``log_path``.
 
     The monitor runs in a small child process (see measured_run.py), so that
-    this process's memory does not enter the rusage peak. ``bytes_written``
-    is left for the caller.
+    this process's memory does not enter the rusage peak. When the log shows
+    ``copy_phase_marker``, the peak sampled from then on is the copy phase's.
+    ``bytes_written`` is left for the caller.
 
     Raises:
         subprocess.CalledProcessError: the monitor itself failed, not the command.
@@ -90,8 +95,9 @@ def measure_logged(
     logger.info("Running %s: %s", label, " ".join(map(str, command)))
     load_average = os.getloadavg()[0]
     psutil.cpu_percent(interval=None)  # starts the interval that the next call measures
+    marker = ["--marker", copy_phase_marker] if copy_phase_marker else []
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.measured_run", str(log_path), *map(str, command)],
+        [sys.executable, "-m", "benchmarks.measured_run", *marker, str(log_path), *map(str, command)],
         stdout=subprocess.PIPE,
         text=True,
         check=True,
@@ -112,6 +118,7 @@ def measure_logged(
         wall_seconds=measurement["wall_seconds"],
         sampled_peak_rss_bytes=measurement["sampled_peak_rss_bytes"],
         rusage_peak_rss_bytes=measurement["rusage_peak_rss_bytes"],
+        copy_phase_peak_rss_bytes=measurement.get("after_marker_peak_rss_bytes"),
         page_cache=page_cache,
         load_average=load_average,
         system_cpu_percent=system_cpu_percent,

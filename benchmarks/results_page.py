@@ -28,10 +28,13 @@ the whole page. Change the template in `benchmarks/results_page.py`, not this fi
 Units: MB and GB are 10^6 and 10^9 bytes. Throughput is bytes written per second of wall time.
 Peak RSS is measured by `lowmem_moe/resource_monitor.py` in two ways: "sampled" sums the resident
 set size of the process and its children every 50 ms (it can miss short spikes), and "rusage" is
-the kernel's `ru_maxrss` of the process from `wait4` (every spike, but of one process, and at
-least the RSS of the process that started it, about 16 MB here: see `benchmarks/measured_run.py`).
-Targets use the larger of the two. "CPU busy %" is the busy share of all cores during a run (psutil), so
-it shows when other processes competed with the measured one.
+the kernel's `ru_maxrss` of the process from `wait4` (spikes of any length, but of one process,
+and never less than the peak RSS of the small launcher process that starts the command, about 10
+to 16 MB here: see `benchmarks/measured_run.py`). Targets use the larger of the two.
+
+"CPU busy %" is the busy share of all cores during a run (psutil), and "load" the 1-minute load
+average just before it. Together they show when other processes competed with the measured one,
+which slows every run and makes wall times vary.
 """
 
 BENCH_METHOD = """### Method
@@ -42,8 +45,9 @@ BENCH_METHOD = """### Method
   A complete 2-layer model is {model_gb:.2f} GB. The base has a small Llama-style tokenizer.
 - **Layer files.** `benchmarks/model_store.py` caches each model's head (embeddings, final norm,
   lm_head) and each decoder layer in a file of its own, and builds a model of N layers as a folder
-  of hard links to the head and layers 0 to N-1, with an index and a config that says N layers. The 1-, 2- and 4-layer merges therefore read the same bytes for the layers they share,
-  and the disk holds each layer once. Experts 1 to 4 are complete models in layers 0 and 1 (the
+  of hard links to the head and layers 0 to N-1. Its index lists those files, and its config sets
+  num_hidden_layers to N. The 1-, 2- and 4-layer merges therefore read the same bytes for the
+  layers they share, and the disk stores each layer once. Experts 1 to 4 are complete models in layers 0 and 1 (the
   headline merges read these). Layers 2 and 3 of those experts, and every layer of experts 5 to
   8, which only the scaling merges read, hold the MLP weights alone: a merge reads nothing else
   from an expert that is not the base, so every merge reads and writes the same bytes as with
@@ -60,11 +64,15 @@ BENCH_METHOD = """### Method
   fsync on each shard. Both runs start with a dropped page cache and read their input from disk.
   {cp_version} copies with `copy_file_range`, as lowmem-moe does for tensors whose bytes do not
   change; ext4 has no reflinks, so both copy every byte in the kernel.
-- **Copy phase peak.** The merge's peak RSS is that of the whole process, which bounds the copy
-  phase from above. The `plan` row measures `lowmem-moe plan` (imports, config, source headers,
-  plan; no gate pass and no copying), and the import baseline measures a process that only
-  imports torch, transformers and lowmem-moe; the difference to the merge's peak is what the
-  gate pass and the copy phase add.
+- **Copy phase peak.** `run_measured` returns whole-run peaks only, so `benchmarks/measured_run.py`
+  also samples the RSS of the merge process every 50 ms from the moment its log shows the
+  "Writing shards" progress bar, which starts the copy phase, to the end of the run (the output's
+  metadata files and lowmem-moe's structure check of the output follow the copy phase). That "copy
+  phase MB" column includes memory that earlier phases left allocated, so it is an upper bound of
+  what the copy phase needs, and like any sampled peak it can miss spikes shorter than 50 ms. The
+  target uses it; the whole-process peaks stand beside it. The `plan` row measures `lowmem-moe plan` (imports,
+  config, source headers, plan; no gate pass and no copying), and the import baseline a process
+  that only imports torch, transformers and lowmem-moe.
 """
 
 PEER_METHOD = """### Method
@@ -86,8 +94,8 @@ PEER_METHOD = """### Method
   (experts, 2 x intermediate, hidden) and `mlp.experts.down_proj` of shape
   (experts, hidden, intermediate); transformers' Mixtral conversion mapping, which builds it,
   puts each expert's gate_proj (w1) rows before its up_proj (w3) rows. Each lowmem-moe
-  `experts.{{e}}.w1/w2/w3` tensor is compared with its part of those. Routers differ by design
-  (random gates), so they are left out.
+  `experts.{{e}}.w1/w2/w3` tensor is compared with its part of those. Routers are reported apart
+  (see the note below the comparison table).
 """
 
 
@@ -120,14 +128,18 @@ def _targets_section(bench: dict[str, Any] | None, peer: dict[str, Any] | None) 
         "|---|---|---|---|",
     ]
     for row in rows:
-        met = "not measured" if row.met is None else ("yes" if row.met else "**no**")
+        met = "not measured"
+        if row.met is not None:
+            met = "yes" if row.met else "**no**"
         lines.append(f"| {row.target} | {row.merge} | {row.measured} | {met} |")
     return "\n".join(lines) + "\n"
 
 
 def _bench_section(bench: dict[str, Any]) -> str:
     shape = bench["shape"]
-    caches = _cache_methods([row[key] for row in bench["headline"] for key in ("plan", "merge", "copy") if row.get(key)])
+    records = [row["plan"] for row in bench["headline"] if row.get("plan")]
+    records += [run[key] for row in bench["headline"] for run in row["repeats"] for key in ("merge", "copy") if run.get(key)]
+    caches = _cache_methods(records)
     lines = [
         "## `make bench`: lowmem-moe against cp",
         "",
@@ -144,27 +156,32 @@ def _bench_section(bench: dict[str, Any]) -> str:
         ),
         "### lowmem-moe against cp (4 experts, 2 layers)",
         "",
-        "| merge | run | status | wall s | peak RSS sampled MB | peak RSS rusage MB | written GB | MB/s | CPU busy % | time / cp |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| merge | run | status | wall s | peak RSS sampled MB | peak RSS rusage MB | copy phase MB | written GB | MB/s | CPU busy % | load | time / cp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
     baseline = RunRecord.from_json(bench["import_baseline"])
     lines.append(_run_row("-", "import baseline", baseline, None))
     for row in bench["headline"]:
         name = row["case"]["name"]
-        merge = RunRecord.from_json(row["merge"])
-        copy = RunRecord.from_json(row["copy"]) if row.get("copy") else None
         if row.get("plan"):
             lines.append(_run_row(name, "lowmem-moe plan", RunRecord.from_json(row["plan"]), None))
-        lines.append(_run_row(name, "lowmem-moe merge", merge, copy))
-        if copy:
-            lines.append(_run_row(name, "cp + sync", copy, None))
+        for number, run in enumerate(row["repeats"], start=1):
+            merge = RunRecord.from_json(run["merge"])
+            copy = RunRecord.from_json(run["copy"]) if run.get("copy") else None
+            lines.append(_run_row(name, f"lowmem-moe merge, run {number}", merge, copy))
+            if copy:
+                lines.append(_run_row(name, f"cp + sync, run {number}", copy, None))
     lines.append("")
     lines.append(
-        "random-bf16 copies every tensor unchanged (bfloat16 in and out); random-f16 converts every "
-        "tensor to float16 through the transform path. A row reading \"not supported yet\" is a merge "
-        "that `lowmem-moe plan` rejects; it is measured as soon as lowmem-moe accepts it."
+        f"Each merge ran {bench.get('repeats', 1)} times, each run followed by cp of its output. random-bf16 "
+        "copies every tensor unchanged (bfloat16 in and out). random-f16 converts every tensor to float16 "
+        "through the transform path. hidden-bf16 first runs the prompts through the base model one "
+        "decoder layer at a time (the hidden gate pass), so its peak RSS is that pass's, not the copy "
+        "phase's. A row reading \"not supported yet\" is a merge that `lowmem-moe plan` rejects."
     )
     lines.append("")
+
     lines += _scaling_table(bench["scaling"])
     lines += _gguf_section(bench.get("gguf"))
     return "\n".join(lines) + "\n"
@@ -176,17 +193,18 @@ def _scaling_table(scaling: list[dict[str, Any]]) -> list[str]:
         "",
         "gate_mode random, bfloat16 in and out. The layer series uses 4 experts, the expert series 2 layers.",
         "",
-        "| layers | experts | status | written GB | wall s | peak RSS sampled MB | peak RSS rusage MB | MB/s | CPU busy % | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layers | experts | status | written GB | wall s | peak RSS sampled MB | peak RSS rusage MB | copy phase MB | MB/s | CPU busy % | load | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in scaling:
         case = row["case"]
         record = RunRecord.from_json(row["merge"])
-        note = f"same merge as {row['reused_from']}, measured once" if row.get("reused_from") else (record.note or "")
+        note = f"run 1 of {row['reused_from']} above" if row.get("reused_from") else (record.note or "")
         lines.append(
             f"| {case['layers']} | {case['experts']} | {record.status} | {_gb(record.bytes_written)} | "
             f"{_seconds(record.wall_seconds)} | {_mb(record.sampled_peak_rss_bytes)} | {_mb(record.rusage_peak_rss_bytes)} | "
-            f"{_rate(record.throughput_mb_s)} | {_percent(record.system_cpu_percent)} | {note} |"
+            f"{_mb(record.copy_phase_peak_rss_bytes)} | "
+            f"{_rate(record.throughput_mb_s)} | {_percent(record.system_cpu_percent)} | {_load_average(record.load_average)} | {note} |"
         )
     lines.append("")
     return lines
@@ -202,7 +220,10 @@ def _gguf_section(gguf: dict[str, Any] | None) -> list[str]:
         f"(with the gguf-py it vendors) converted a tiny lowmem-moe merge ({gguf['model']}, gate_mode random) "
         f"with `--outtype f32`; exit code {gguf['converter_exit_code']}. The GGUF was read back with "
         f"`gguf.GGUFReader` (gguf {gguf['gguf_reader']}): {passed} of {len(gguf['checks'])} checks passed, "
-        f"so the check {'passed' if gguf['passed'] else 'FAILED'}.",
+        f"so the check {'passed' if gguf['passed'] else 'FAILED'}. The converter is extracted at run time "
+        "and never committed. It needs the gguf-py it vendors, because the gguf release on the package "
+        "index lacks `LazyChunkedTensor`, which this converter calls, and it needs sentencepiece "
+        "(`benchmarks/requirements.txt`), which it imports even for a tokenizer.json vocabulary.",
         "",
     ]
     lines += [f"- {'ok' if check['ok'] else 'FAILED'}: {check['check']}" for check in gguf["checks"]]
@@ -224,34 +245,72 @@ def _peer_section(peer: dict[str, Any]) -> str:
         PEER_METHOD.format(cache_text=_cache_text(caches)),
         "### Side by side (4 experts, 2 layers)",
         "",
-        "| merge | tool | status | wall s | peak RSS sampled MB | peak RSS rusage MB | written GB | MB/s | CPU busy % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| merge | tool | status | wall s | peak RSS sampled MB | peak RSS rusage MB | copy phase MB | written GB | MB/s | CPU busy % | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
     for row in peer["cases"]:
         name = row["case"]["name"]
         for key in ("lowmem", "mergekit"):
             if row.get(key):
                 record = RunRecord.from_json(row[key])
                 lines.append(_run_row(name, record.tool, record, None, ratio_column=False))
+
     lines += ["", "### Output comparison", ""]
-    lines += ["| merge | equal tensors | different | only in lowmem-moe | only in mergekit-moe | routers left out |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| merge | equal tensors | different | only in lowmem-moe | only in mergekit-moe | routers bit for bit equal | router cosine, min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
     differences = []
     for row in peer["cases"]:
         comparison = row.get("comparison")
         if comparison is None:
-            lines.append(f"| {row['case']['name']} | not compared | | | | |")
+            lines.append(f"| {row['case']['name']} | not compared | | | | | |")
             continue
         lines.append(
             f"| {row['case']['name']} | {comparison['equal_count']} | {comparison['different_count']} | "
             f"{len(comparison['only_in_lowmem_moe'])} | {len(comparison['only_in_mergekit_moe'])} | "
-            f"{len(comparison['excluded_routers'])} |"
+            f"{comparison.get('routers_equal', 0)} of {comparison.get('routers_compared', 0)} | "
+            f"{_cosine(comparison.get('router_min_cosine'))} |"
         )
         differences += [f"- {row['case']['name']}: `{item['name']}`: {item['reason']}" for item in comparison["different"]]
         differences += [f"- {row['case']['name']}: `{name}` only in lowmem-moe's output" for name in comparison["only_in_lowmem_moe"]]
         differences += [f"- {row['case']['name']}: `{name}` only in mergekit-moe's output" for name in comparison["only_in_mergekit_moe"]]
     lines.append("")
     lines += differences or ["Every compared tensor is bit for bit equal."]
+    lines += ["", *_router_notes(peer)]
     return "\n".join(lines) + "\n"
+
+
+def _router_notes(peer: dict[str, Any]) -> list[str]:
+    notes = [
+        "Routers are compared apart, as information, and do not count as differences. The cosine column "
+        "is the lowest cosine similarity between a router row (one expert in one layer) of lowmem-moe "
+        "and the same row of mergekit-moe."
+    ]
+    for row in peer["cases"]:
+        comparison = row.get("comparison")
+        if not comparison or not comparison.get("routers_compared"):
+            continue
+        name = row["case"]["name"]
+        all_equal = comparison["routers_equal"] == comparison["routers_compared"]
+        if row["case"]["gate_mode"] == "random":
+            outcome = "every router is bit for bit equal" if all_equal else "the routers differ"
+            notes.append(
+                f"In {name}, {outcome}. lowmem-moe draws `torch.randn` of shape (layers, experts, hidden) "
+                "from a generator seeded with `--seed`, and mergekit-moe 0.1.5 draws the same shape from "
+                "torch's global generator after seeding it with `--random-seed`; both ran with seed 0. "
+                "Nothing in either tool promises the same values."
+            )
+        elif row["case"]["gate_mode"].startswith("hidden"):
+            notes.append(
+                f"In {name}, {comparison['routers_equal']} of {comparison['routers_compared']} routers are bit for "
+                "bit equal. mergekit-moe 0.1.5 runs the base model in bfloat16 on batches of left-padded "
+                "prompts, while lowmem-moe runs each prompt alone through one decoder layer at a time in "
+                "float32 (its default gate dtype), so the routers are close but need not be equal."
+            )
+    return [" ".join(notes)]
 
 
 def _run_row(merge: str, run: str, record: RunRecord, copy: RunRecord | None, ratio_column: bool = True) -> str:
@@ -261,8 +320,9 @@ def _run_row(merge: str, run: str, record: RunRecord, copy: RunRecord | None, ra
     status = record.status if record.status == OK or not record.note else f"{record.status}: {record.note}"
     row = (
         f"| {merge} | {run} | {status} | {_seconds(record.wall_seconds)} | {_mb(record.sampled_peak_rss_bytes)} | "
-        f"{_mb(record.rusage_peak_rss_bytes)} | {_gb(record.bytes_written)} | {_rate(record.throughput_mb_s)} | "
-        f"{_percent(record.system_cpu_percent)} |"
+        f"{_mb(record.rusage_peak_rss_bytes)} | {_mb(record.copy_phase_peak_rss_bytes)} | {_gb(record.bytes_written)} | "
+        f"{_rate(record.throughput_mb_s)} | "
+        f"{_percent(record.system_cpu_percent)} | {_load_average(record.load_average)} |"
     )
     return row + f" {ratio} |" if ratio_column else row
 
@@ -325,8 +385,16 @@ def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
+def _cosine(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
 def _percent(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}"
+
+
+def _load_average(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 def _rate(value: float | None) -> str:

@@ -1,5 +1,6 @@
 """The performance targets of lowmem-moe, evaluated on measured results."""
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -8,6 +9,9 @@ from .measure import OK, RunRecord
 COPY_PHASE_PEAK_LIMIT_BYTES = 512 * 10**6
 MAX_TIME_OVER_CP = 1.25
 MIN_RSS_ADVANTAGE_OVER_MERGEKIT = 10.0
+
+PEAK_TARGET = "copy phase peak RSS under 512 MB"
+TIME_TARGET = "merge time at most 1.25x cp of the same bytes"
 
 
 @dataclass(frozen=True)
@@ -21,36 +25,41 @@ class TargetResult:
 
 
 def bench_targets(bench: dict[str, Any]) -> list[TargetResult]:
-    """Evaluate the memory and time targets on the headline merges of ``make bench``."""
+    """Evaluate the memory and time targets on the headline merges of ``make bench``.
+
+    The peak is the largest over the repetitions, the time ratio the median
+    of the repetitions' ratios.
+    """
     results = []
     for row in bench["headline"]:
         name = row["case"]["name"]
-        merge = RunRecord.from_json(row["merge"])
-        if merge.status != OK:
-            results.append(TargetResult("copy phase peak RSS under 512 MB", name, merge.status, None))
+        merges = [RunRecord.from_json(run["merge"]) for run in row["repeats"]]
+        failed = [merge for merge in merges if merge.status != OK]
+        if failed:
+            results.append(TargetResult(PEAK_TARGET, name, failed[0].status, None))
             continue
-        peak = merge.peak_rss_bytes
-        results.append(
-            TargetResult(
-                "copy phase peak RSS under 512 MB",
-                name,
-                f"{peak / 1e6:.0f} MB (whole process)",
-                peak < COPY_PHASE_PEAK_LIMIT_BYTES,
-            )
-        )
-        copy = RunRecord.from_json(row["copy"]) if row.get("copy") else None
-        if copy is None or copy.status != OK:
-            results.append(TargetResult("merge time at most 1.25x cp of the same bytes", name, "cp not measured", None))
+        whole = max(merge.peak_rss_bytes for merge in merges)
+        copy_peaks = [merge.copy_phase_peak_rss_bytes for merge in merges]
+        if None in copy_peaks:
+            # Without a copy phase sample, the whole run's peak is the bound.
+            measured = f"{whole / 1e6:.0f} MB (whole process)"
+            results.append(TargetResult(PEAK_TARGET, name, measured, whole < COPY_PHASE_PEAK_LIMIT_BYTES))
+        else:
+            peak = max(copy_peaks)
+            measured = f"{peak / 1e6:.0f} MB in the copy phase, {whole / 1e6:.0f} MB whole process"
+            results.append(TargetResult(PEAK_TARGET, name, measured, peak < COPY_PHASE_PEAK_LIMIT_BYTES))
+
+        ratios = []
+        for run, merge in zip(row["repeats"], merges):
+            copy = RunRecord.from_json(run["copy"]) if run.get("copy") else None
+            if copy is not None and copy.status == OK:
+                ratios.append(merge.wall_seconds / copy.wall_seconds)
+        if not ratios:
+            results.append(TargetResult(TIME_TARGET, name, "cp not measured", None))
             continue
-        ratio = merge.wall_seconds / copy.wall_seconds
-        results.append(
-            TargetResult(
-                "merge time at most 1.25x cp of the same bytes",
-                name,
-                f"{ratio:.2f}x ({merge.wall_seconds:.1f} s against {copy.wall_seconds:.1f} s)",
-                ratio <= MAX_TIME_OVER_CP,
-            )
-        )
+        median = statistics.median(ratios)
+        spread = f", {min(ratios):.2f}x to {max(ratios):.2f}x over {len(ratios)} runs" if len(ratios) > 1 else ""
+        results.append(TargetResult(TIME_TARGET, name, f"median {median:.2f}x{spread}", median <= MAX_TIME_OVER_CP))
     return results
 
 

@@ -26,6 +26,8 @@ LOWMEM_COMMAND = (sys.executable, "-m", "lowmem_moe.cli")
 # The phrase in lowmem-moe's error for a feature that is not built yet.
 NOT_SUPPORTED_PHRASE = "not supported yet"
 SEED = 0
+# The progress bar that lowmem-moe shows when its copy phase starts.
+COPY_PHASE_MARKER = "Writing shards"
 # Room left free beyond the bytes a run writes.
 DISK_MARGIN_BYTES = 2 * 10**9
 
@@ -90,7 +92,8 @@ def measure_lowmem_merge(label: str, config: Path, out_dir: Path, work: Path, in
     _remove(out_dir)
     cache = drop_page_cache(input_files)
     command = [*LOWMEM_COMMAND, "merge", config, out_dir, "--seed", str(SEED)]
-    record = measure_logged(label, "lowmem-moe", command, work / "logs" / f"{label}.log", work, cache)
+    log = work / "logs" / f"{label}.log"
+    record = measure_logged(label, "lowmem-moe", command, log, work, cache, copy_phase_marker=COPY_PHASE_MARKER)
     return _with_output_size(record, out_dir)
 
 
