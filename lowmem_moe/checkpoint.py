@@ -59,7 +59,7 @@ class Checkpoint:
         """
         folder = Path(folder)
         if not folder.is_dir():
-            raise SourceError(f"Model folder not found: {folder}. Check the path in the merge YAML.")
+            raise SourceError(f"Model folder not found: {folder}. Check the path.")
         config = read_model_config(folder)
 
         weight_map, headers = _open_weights(folder)

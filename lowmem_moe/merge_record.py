@@ -55,6 +55,8 @@ def read_record(model_folder: Path) -> MergeRecord:
     Raises:
         UserError: the folder has no model card, or no lowmem-moe record in it.
     """
+    if not Path(model_folder).is_dir():
+        raise UserError(f"Model folder not found: {model_folder}.")
     card = Path(model_folder) / "README.md"
     try:
         text = card.read_text(encoding="utf-8")

@@ -118,7 +118,8 @@ def _parse_entry(path: Path, name: str, fields: object, data_start: int, data_si
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise SourceError(
-            f"{where}: data_offsets [{begin}, {end}] lie outside the data section of {data_size} bytes."
+            f"{where}: data_offsets [{begin}, {end}] lie outside the data section of {data_size} bytes. "
+            "The file is truncated or damaged; download or copy it again."
         )
 
     # Python integers do not overflow, so a huge shape shows up as a size

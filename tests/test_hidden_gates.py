@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lowmem_moe.config import load_merge_config
 from lowmem_moe.errors import UserError
-from lowmem_moe.gates import compute_router_weights
+from lowmem_moe.gates import check_prompts, compute_router_weights
 from lowmem_moe.sources import open_sources
 from merge_helpers import merge, read_tensors
 from model_factory import TinyModelSpec, make_model
@@ -192,3 +192,15 @@ def test_infinite_embedding_row_named(tmp_path, gate_mode):
 
     assert f"row {token_id}" in str(caught.value)
     assert "model.embed_tokens.weight" in str(caught.value)
+
+
+def test_prompt_longer_than_positions_rejected(tmp_path):
+    base = make_model(tmp_path / "base", TinyModelSpec())  # max_position_embeddings 256
+    long_prompt = " ".join(["numbers"] * 400)
+    config = load_merge_config(write_config(tmp_path / "m.yml", base, "hidden", [[long_prompt], ["python"]], [[], []]))
+
+    with pytest.raises(UserError) as caught:
+        check_prompts(config, open_sources(config))
+
+    assert "expert 0" in str(caught.value)
+    assert "more than the base model's 256 positions" in str(caught.value)

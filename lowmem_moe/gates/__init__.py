@@ -19,6 +19,8 @@ from .random_gates import random_router_weights, uniform_random_router_weights
 logger = logging.getLogger(__name__)
 
 EMBEDDING_TENSOR = "model.embed_tokens.weight"
+# Above this estimate of one prompt's attention scores, the merge warns.
+ATTENTION_WARNING_BYTES = 1024**3
 
 
 def check_prompts(config: MergeConfig, sources: MergeSources) -> None:
@@ -31,7 +33,28 @@ def check_prompts(config: MergeConfig, sources: MergeSources) -> None:
         return
     tokenizer = load_tokenizer(sources.base.folder)
     num_rows = sources.base.locate(EMBEDDING_TENSOR).entry.shape[0]
-    collect_prompts(config.experts + config.shared_experts, tokenizer, num_rows)
+    max_tokens = _max_prompt_tokens(config, sources)
+    prompts = collect_prompts(config.experts + config.shared_experts, tokenizer, num_rows, max_tokens)
+    longest = max((len(prompt.token_ids) for prompt in prompts), default=0)
+    heads = sources.base.config.raw.get("num_attention_heads", 1)
+    # The eager attention of one prompt holds (heads, tokens, tokens) float32 scores.
+    attention_bytes = 4 * heads * longest**2
+    if max_tokens is not None and attention_bytes > ATTENTION_WARNING_BYTES:
+        logger.warning(
+            "The longest prompt has %d tokens; the gate pass will need about %.1f GB for its attention scores "
+            "alone. Shorter prompts need far less memory.",
+            longest,
+            attention_bytes / 1e9,
+        )
+
+
+def _max_prompt_tokens(config: MergeConfig, sources: MergeSources) -> int | None:
+    # cheap_embed reads one embedding row at a time, so only the hidden
+    # modes, which run the model, are bounded by its positions.
+    if config.gate_mode not in HIDDEN_MODES:
+        return None
+    value = sources.base.config.raw.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def compute_router_weights(
@@ -84,7 +107,7 @@ def _router_weights(
             return cheap_embed_router_weights(experts, tokenizer, embeddings, base.num_hidden_layers)
     if config.gate_mode in HIDDEN_MODES:
         with LayerStream(sources.base, compute_dtype) as stream:
-            prompts = collect_prompts(experts, tokenizer, stream.embeddings.num_rows)
+            prompts = collect_prompts(experts, tokenizer, stream.embeddings.num_rows, _max_prompt_tokens(config, sources))
             logger.info("Running %d distinct prompts through %d layers", len(prompts), stream.num_layers)
             return hidden_router_weights(experts, prompts, stream, HIDDEN_MODES[config.gate_mode], scratch_folder)
     raise ValueError(f"unknown gate_mode {config.gate_mode!r}")

@@ -27,7 +27,10 @@ def expert_label(index: int, expert: ExpertConfig) -> str:
 
 
 def collect_prompts(
-    experts: tuple[ExpertConfig, ...], tokenizer: PreTrainedTokenizerBase, num_embedding_rows: int
+    experts: tuple[ExpertConfig, ...],
+    tokenizer: PreTrainedTokenizerBase,
+    num_embedding_rows: int,
+    max_tokens: int | None = None,
 ) -> list[PromptUse]:
     """Tokenize every distinct prompt once and record which experts use it.
 
@@ -43,7 +46,13 @@ def collect_prompts(
                 use = by_text.get(prompt)
                 if use is None:
                     token_ids = prompt_token_ids(tokenizer, prompt)
-                    _check_tokens(token_ids, tokenizer, num_embedding_rows, expert_label(index, expert), prompt)
+                    label = expert_label(index, expert)
+                    _check_tokens(token_ids, tokenizer, num_embedding_rows, label, prompt)
+                    if max_tokens is not None and len(token_ids) > max_tokens:
+                        raise UserError(
+                            f"{label}: prompt {prompt[:60]!r}... has {len(token_ids)} tokens, more than the base "
+                            f"model's {max_tokens} positions (max_position_embeddings). Shorten it."
+                        )
                     use = by_text[prompt] = PromptUse(text=prompt, token_ids=token_ids)
                 use.uses.append((index, sign))
     return list(by_text.values())
