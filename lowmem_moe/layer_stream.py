@@ -59,6 +59,9 @@ class LayerStream:
 
     def load_layer(self, index: int) -> nn.Module:
         """Build decoder layer ``index`` and fill its weights from the checkpoint."""
+        # TODO: load attention and MLP weights separately, streaming the MLP
+        # in row blocks, so that the gate pass holds less than a whole layer
+        # (2.2 GB in float32 for Yi-34B, 3.7x below mergekit-moe, not 10x).
         # Built on the meta device and converted there, so that the only
         # allocation is the uninitialised storage that the checkpoint fills.
         with torch.device("meta"):
