@@ -49,12 +49,13 @@ def models(tmp_path_factory):
 
 def test_ten_thousand_prompts_bounded(tmp_path, models):
     base, experts = models
-    few = measured_merge(write_config(tmp_path / "few.yml", base, experts, 100), tmp_path / "few")
+    few = measured_merge(write_config(tmp_path / "few.yml", base, experts, 2_500), tmp_path / "few")
     many = measured_merge(write_config(tmp_path / "many.yml", base, experts, 10_000), tmp_path / "many")
 
-    # 10,000 prompts of up to 14 tokens keep about 140,000 states of 64
-    # floats, 36 MB, on disk. Holding them, or a batch padded to the
-    # longest prompt, would add that much; the YAML text and token lists
-    # take a few MB.
+    # From 2,500 prompts on, every gate-pass batch is at its size limit, so
+    # only the YAML text and token lists grow, by a few MB, plus allocator
+    # noise of several MB between runs. The 7,500 extra prompts of up to 14
+    # tokens have about 27 MB of states, which stay on disk; holding them
+    # in memory would add those 27 MB to that growth and break the bound.
     assert (tmp_path / "many" / "model.safetensors.index.json").exists()
-    assert many - few < 24 * 1024**2, f"{(many - few) / 2**20:.1f} MiB more for 10,000 prompts"
+    assert many - few < 24 * 1024**2, f"{(many - few) / 2**20:.1f} MiB more for 7,500 more prompts"
