@@ -6,7 +6,7 @@ import os
 
 logger = logging.getLogger(__name__)
 
-# Errors with which copy_file_range says that this pair of files or this
+# Errors with which copy_file_range reports that this pair of files or this
 # kernel cannot do an in-kernel copy. The buffered copy handles them.
 _UNSUPPORTED_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
 

@@ -1,4 +1,4 @@
-"""Which experts a merged model's routers pick for given prompts, measured one layer at a time."""
+"""Expert choices of a merged model's routers for given prompts, measured one layer at a time."""
 
 import logging
 from dataclasses import dataclass

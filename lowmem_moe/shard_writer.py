@@ -89,7 +89,7 @@ class ShardWriter:
         try:
             copy_range(source, offset, self._file.fileno(), count, buffer)
         except EOFError as error:
-            raise SourceError(f"{source_path}: file is shorter than its header says ({error}).") from error
+            raise SourceError(f"{source_path}: file is shorter than its header states, so it is truncated ({error}).") from error
         except OSError as error:
             raise _output_error(self.partial_path, error) from error
         self._advance(count)
@@ -180,7 +180,7 @@ def _output_error(path: Path, error: OSError) -> OutputError:
 
 
 def shard_is_complete(folder: Path, shard: PlannedShard) -> bool:
-    """Return whether ``folder`` holds this shard under its final name, with the planned size and header.
+    """Return whether ``folder`` contains this shard under its final name, with the planned size and header.
 
     A shard gets its final name only after it was written in full and
     flushed, so this check is what a resumed merge relies on to skip it.

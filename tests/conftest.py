@@ -20,7 +20,7 @@ def offline_hub(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def package_logging():
-    """Undo the handlers and propagation that an in-process CLI run sets, so caplog sees every record."""
+    """Undo the handlers and propagation that an in-process CLI run sets, so caplog receives every record."""
     logger = logging.getLogger("lowmem_moe")
     saved = (logger.handlers[:], logger.propagate, logger.level)
     yield

@@ -24,7 +24,7 @@ class SpecPart:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Where one output tensor comes from, before byte ranges are known.
+    """The sources of one output tensor, before byte ranges are known.
 
     Either ``parts``, concatenated in order along the first dimension, or
     ``gate`` = (router, layer): a row block of the computed router weights.

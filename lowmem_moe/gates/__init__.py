@@ -37,7 +37,7 @@ def check_prompts(config: MergeConfig, sources: MergeSources) -> None:
     prompts = collect_prompts(config.experts + config.shared_experts, tokenizer, num_rows, max_tokens)
     longest = max((len(prompt.token_ids) for prompt in prompts), default=0)
     heads = sources.base.config.raw.get("num_attention_heads", 1)
-    # The eager attention of one prompt holds (heads, tokens, tokens) float32 scores.
+    # The eager attention of one prompt keeps (heads, tokens, tokens) float32 scores.
     attention_bytes = 4 * heads * longest**2
     if max_tokens is not None and attention_bytes > ATTENTION_WARNING_BYTES:
         logger.warning(

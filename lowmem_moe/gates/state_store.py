@@ -48,7 +48,7 @@ class StateStore:
         """Store the (tokens, hidden) states of one prompt."""
         expected = (self._lengths[slot], self.hidden_size)
         if tuple(states.shape) != expected:
-            raise ValueError(f"slot {slot} holds shape {expected}, got {tuple(states.shape)}")
+            raise ValueError(f"slot {slot} has shape {expected}, got {tuple(states.shape)}")
         data = memoryview(states.to(self.dtype).contiguous().view(torch.uint8).numpy()).cast("B")
         written = 0
         while written < len(data):
