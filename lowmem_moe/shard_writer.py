@@ -13,13 +13,9 @@ from .byte_copy import copy_range
 from .errors import DiskFullError, OutputError, SourceError
 from .plan import PlannedShard, PlannedTensor
 from .shard_format import shard_header_bytes
+from .writeback import Writeback
 
 PARTIAL_SUFFIX = ".partial"
-
-# Written bytes are flushed to disk and dropped from the page cache every
-# this many bytes, so that a 200 GB merge does not fill memory with dirty
-# pages and stall the rest of the machine when the kernel writes them back.
-WRITEBACK_INTERVAL = 256 * 1024**2
 
 
 class ShardState(enum.Enum):
@@ -47,7 +43,8 @@ class ShardWriter:
         self._tensor_index = 0
         self._tensor_written = 0  # bytes of the current tensor written so far
         self._file_written = 0  # bytes of the file written so far, header included
-        self._flushed = 0  # bytes of the file already flushed and dropped from the page cache
+        # Keeps a 200 GB merge from filling memory with written pages. See writeback.py.
+        self._writeback = None
 
     @property
     def current_tensor(self) -> PlannedTensor:
@@ -68,6 +65,7 @@ class ShardWriter:
             raise _output_error(self.partial_path, error) from error
         self._header_size = len(header)
         self._file_written = len(header)
+        self._writeback = Writeback(self._file.fileno())
         self.state = ShardState.WRITING
 
     def write(self, data: memoryview) -> None:
@@ -145,16 +143,10 @@ class ShardWriter:
     def _advance(self, count: int) -> None:
         self._tensor_written += count
         self._file_written += count
-        # TODO: start writeback without blocking the copy loop; this fdatasync
-        # cost 3.7 s of a 24-34 s merge of 9.35 GB in benchmarks/RESULTS.md.
-        if self._file_written - self._flushed >= WRITEBACK_INTERVAL:
-            descriptor = self._file.fileno()
-            try:
-                os.fdatasync(descriptor)
-            except OSError as error:
-                raise _output_error(self.partial_path, error) from error
-            os.posix_fadvise(descriptor, self._flushed, self._file_written - self._flushed, os.POSIX_FADV_DONTNEED)
-            self._flushed = self._file_written
+        try:
+            self._writeback.advance(self._file_written)
+        except OSError as error:
+            raise _output_error(self.partial_path, error) from error
 
     def _expect(self, state: ShardState, action: str) -> None:
         if self.state is not state:
