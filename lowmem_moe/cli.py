@@ -17,8 +17,6 @@ from .merge import disk_bytes_needed, free_disk_bytes, prepare_resolved, run_mer
 from .model_resolution import resolve_sources
 from .plan_report import download_report, format_bytes, plan_summary, plan_tensor_lines
 from .planner import PlanOptions
-from .routing_report import format_routes, route_prompts
-from .verify import verify_output
 
 logger = logging.getLogger("lowmem_moe")
 
@@ -184,12 +182,17 @@ def _run_reporting_errors(command, out_dir: Path) -> int:
 
 
 def _routes_command(args: argparse.Namespace) -> int:
+    # Imported here, as the other commands do not need transformers' model code.
+    from .routing_report import format_routes, route_prompts
+
     routes = route_prompts(args.model, args.prompts, torch_dtype(dtype_code_from_name(args.dtype)))
     print(format_routes(routes, per_layer=args.layers))
     return 0
 
 
 def _verify_command(args: argparse.Namespace) -> int:
+    from .verify import verify_output
+
     report = verify_output(args.out_dir, chunk_size=args.chunk_size)
     if not report.ok:
         logger.error("%s", report.summary())

@@ -6,15 +6,13 @@ from pathlib import Path
 import torch
 
 from ..config import ExpertConfig, MergeConfig
-from ..embedding_rows import EmbeddingRows
-from ..layer_stream import LayerStream
 from ..sources import MergeSources
-from .cheap_embed import cheap_embed_router_weights
 from .diagnostics import warn_similar_experts
-from .hidden_states import HIDDEN_MODES, hidden_router_weights
-from .prompt_set import collect_prompts
-from .prompt_tokens import load_tokenizer
 from .random_gates import random_router_weights, uniform_random_router_weights
+
+# The modes that read prompts import transformers inside the functions below.
+# A merge with random gates does not need it and skips its import, which
+# took about 0.9 s on the benchmark machine.
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +29,9 @@ def check_prompts(config: MergeConfig, sources: MergeSources) -> None:
     """
     if config.gate_mode in ("random", "uniform_random"):
         return
+    from .prompt_set import collect_prompts
+    from .prompt_tokens import load_tokenizer
+
     tokenizer = load_tokenizer(sources.base.folder)
     num_rows = sources.base.locate(EMBEDDING_TENSOR).entry.shape[0]
     max_tokens = _max_prompt_tokens(config, sources)
@@ -49,6 +50,8 @@ def check_prompts(config: MergeConfig, sources: MergeSources) -> None:
 
 
 def _max_prompt_tokens(config: MergeConfig, sources: MergeSources) -> int | None:
+    from .hidden_states import HIDDEN_MODES
+
     # cheap_embed reads one embedding row at a time, so only the hidden
     # modes, which run the model, are bounded by its positions.
     if config.gate_mode not in HIDDEN_MODES:
@@ -99,6 +102,13 @@ def _router_weights(
         return random_router_weights(*shape, seed=seed)
     if config.gate_mode == "uniform_random":
         return uniform_random_router_weights(*shape, seed=seed)
+
+    from ..embedding_rows import EmbeddingRows
+    from ..layer_stream import LayerStream
+    from .cheap_embed import cheap_embed_router_weights
+    from .hidden_states import HIDDEN_MODES, hidden_router_weights
+    from .prompt_set import collect_prompts
+    from .prompt_tokens import load_tokenizer
 
     tokenizer = load_tokenizer(sources.base.folder)
     if config.gate_mode == "cheap_embed":

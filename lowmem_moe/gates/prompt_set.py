@@ -1,12 +1,14 @@
 """The router prompts of a merge, tokenized once and checked before any model weights are read."""
 
 from dataclasses import dataclass, field
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from ..config import ExpertConfig
 from ..errors import UserError
 from .prompt_tokens import prompt_token_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 POSITIVE = 0
 NEGATIVE = 1
@@ -28,7 +30,7 @@ def expert_label(index: int, expert: ExpertConfig) -> str:
 
 def collect_prompts(
     experts: tuple[ExpertConfig, ...],
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: "PreTrainedTokenizerBase",
     num_embedding_rows: int,
     max_tokens: int | None = None,
 ) -> list[PromptUse]:
@@ -59,7 +61,7 @@ def collect_prompts(
 
 
 def _check_tokens(
-    token_ids: list[int], tokenizer: PreTrainedTokenizerBase, num_rows: int, label: str, prompt: str
+    token_ids: list[int], tokenizer: "PreTrainedTokenizerBase", num_rows: int, label: str, prompt: str
 ) -> None:
     if not token_ids:
         raise UserError(

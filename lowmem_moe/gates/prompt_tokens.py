@@ -2,20 +2,24 @@
 
 import logging
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from ..errors import SourceError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(folder: Path) -> "PreTrainedTokenizerBase":
     """Load the base model's tokenizer from its folder, never from the network.
 
     Raises:
         SourceError: the folder has no usable tokenizer files.
     """
+    from transformers import AutoTokenizer  # imported here, as random gates do not need it
+
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
@@ -25,7 +29,7 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
         ) from error
 
 
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+def prompt_token_ids(tokenizer: "PreTrainedTokenizerBase", prompt: str) -> list[int]:
     """Return the token ids of one prompt: the BOS token if the tokenizer has one, then the text.
 
     No other special tokens are added, and prompts are never padded, so the
