@@ -45,7 +45,9 @@ class MemoryBudget:
 
     @property
     def total_bytes(self) -> int:
-        return self.router_bytes + max(self.copy_phase_bytes, self.gate_pass_bytes)
+        # The gate pass runs while the copy does (see merge.py), so their
+        # buffers add up.
+        return self.router_bytes + self.copy_phase_bytes + self.gate_pass_bytes
 
 
 def router_bytes(num_layers: int, num_experts: int, hidden_size: int) -> int:

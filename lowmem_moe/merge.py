@@ -1,10 +1,15 @@
 """The merge pipeline: config, sources, plan, gate pass, shards, metadata, publish."""
 
+import errno
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
+from .background import BackgroundCall
 from .config import MergeConfig, load_merge_config
 from .dtypes import torch_dtype
 from .errors import DiskFullError, OutputError, PlanError, UserError
@@ -21,7 +26,7 @@ from .shard_format import shard_file_size
 from .shard_writer import shard_is_complete
 from .planner import PlanOptions, build_plan
 from .sources import MergeSources, open_sources
-from .structure_check import check_structure
+from .structure_check import check_structure, model_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -125,29 +130,28 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
         raise
 
     try:
-        router_weights = load_router_weights(staging) if resumed else None
-        if router_weights is None:
-            router_weights = compute_router_weights(
-                prepared.config,
-                prepared.sources,
-                options.seed,
-                scratch_folder=output.target.parent,
-                compute_dtype=torch_dtype(options.gate_dtype),
-            )
-            save_router_weights(staging, router_weights)
-        else:
-            logger.info("Reusing the router weights of the interrupted run")
-
-        write_shards(replace(plan, shards=tuple(pending)), staging, router_weights)
-        write_index(plan, staging)
+        # The copy runs in this thread while two slower, CPU-bound steps run
+        # in the background: building transformers' model for the structure
+        # check, and the gate pass, whose routers are the last tensors of
+        # their shards (see planner.py).
         write_config(plan.output_config, staging)
+        expected_parameters = BackgroundCall("structure check", model_parameters, staging)
+        routers = _router_supply(prepared, options, staging, resumed, output.target.parent)
+
+        write_shards(replace(plan, shards=tuple(pending)), staging, routers)
+        routers()  # a resumed merge may have no router left to write, but a gate pass error still counts
+        write_index(plan, staging)
         copy_base_files(prepared.sources.base, staging)
         record = make_record(config_path, prepared.config.text, options)
         card = model_card(prepared.config, plan, options.seed, prepared.resolution) + "\n" + record_block(record)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        check_structure(staging)
+        check_structure(staging, expected_parameters.result())
         published = output.publish()
-    except DiskFullError as error:
+    except (DiskFullError, OSError) as error:
+        # Metadata files and the saved routers fail with a plain OSError.
+        if not isinstance(error, DiskFullError) and error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            output.discard()
+            raise OutputError(f"Writing the output failed: {error}. {out_dir} is unchanged.") from error
         output.keep()
         remaining = sum(shard_file_size(shard) for shard in plan.shards if not shard_is_complete(staging, shard))
         raise DiskFullError(
@@ -157,9 +161,6 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
     except KeyboardInterrupt:
         output.keep()
         raise
-    except OSError as error:
-        output.discard()
-        raise OutputError(f"Writing the output failed: {error}. {out_dir} is unchanged.") from error
     except UserError as error:
         output.discard()
         raise type(error)(f"{error} {out_dir} is unchanged.") from error
@@ -168,6 +169,32 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
         raise
     logger.info("Merged model written to %s", published)
     return published
+
+
+def _router_supply(
+    prepared: PreparedMerge, options: PlanOptions, staging: Path, resumed: bool, scratch_folder: Path
+) -> Callable[[], dict[str, torch.Tensor]]:
+    """Start the gate pass in the background, or reuse saved routers, and return a function that waits for them.
+
+    The gate pass saves its routers into the staging folder as soon as it
+    ends, so that a merge interrupted after that point resumes without it.
+    """
+    saved = load_router_weights(staging) if resumed else None
+    if saved is not None:
+        logger.info("Reusing the router weights of the interrupted run")
+        return lambda: saved
+
+    def gate_pass() -> dict[str, torch.Tensor]:
+        weights = compute_router_weights(
+            prepared.config, prepared.sources, options.seed, scratch_folder, torch_dtype(options.gate_dtype)
+        )
+        save_router_weights(staging, weights)
+        return weights
+
+    # TODO: stop the gate pass when the copy fails. Today it runs to its end
+    # in its daemon thread. The command exits at once, but a Python caller
+    # that goes on keeps a busy thread until then.
+    return BackgroundCall("gate pass", gate_pass).result
 
 
 def _check_disk_space(prepared: PreparedMerge, pending: list, staging: Path) -> None:

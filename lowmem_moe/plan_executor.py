@@ -2,7 +2,7 @@
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -35,6 +35,11 @@ class SourceFiles:
                 raise SourceError(f"{path}: file ended at byte {offset + filled}. It changed or was truncated after its header was read.")
             filled += count
 
+    def prefetch(self, path: Path, offset: int, count: int) -> None:
+        """Ask the kernel to start reading these bytes into the page cache, without waiting for them."""
+        if count > 0:
+            os.posix_fadvise(self._descriptor(path), offset, count, os.POSIX_FADV_WILLNEED)
+
     def descriptor(self, path: Path) -> int:
         """Return a read-only descriptor of ``path``, opening it on first use."""
         return self._descriptor(path)
@@ -52,12 +57,16 @@ class SourceFiles:
         return self._descriptors[path]
 
 
-def write_shards(plan: MergePlan, folder: Path, router_weights: dict[str, torch.Tensor]) -> list[Path]:
+def write_shards(
+    plan: MergePlan, folder: Path, router_weights: Callable[[], dict[str, torch.Tensor]]
+) -> list[Path]:
     """Write every shard of the plan into ``folder`` and return their paths.
 
-    ``router_weights`` maps each GateSource router name to float32 weights
-    of shape (layers, experts, hidden). A failure removes the shard in
-    progress; shards finished before it stay.
+    ``router_weights`` returns a dict that maps each GateSource router name
+    to float32 weights of shape (layers, experts, hidden). It is called when
+    the first router is written, so it may wait for a gate pass that runs
+    meanwhile. A failure removes the shard in progress; shards finished
+    before it stay.
     """
     # The one reusable read buffer of the copy phase; see memory_budget.
     buffer = bytearray(plan.chunk_size)
@@ -101,7 +110,7 @@ def output_chunks(
 def _write_tensor(writer: ShardWriter, tensor: PlannedTensor, sources: SourceFiles, buffer: bytearray, router_weights, progress) -> None:
     source = tensor.source
     if isinstance(source, GateSource):
-        chunk = _router_bytes(tensor, source, router_weights)
+        chunk = _router_bytes(tensor, source, router_weights())
         writer.write(chunk)
         progress.update(len(chunk))
         return
@@ -128,6 +137,8 @@ def _copy_segment(writer: ShardWriter, segment: Segment, sources: SourceFiles, b
     position = 0
     while position < segment.nbytes:
         count = min(len(buffer), segment.nbytes - position)
+        # The next chunk is read from disk while this one is written.
+        sources.prefetch(segment.path, segment.offset + position + count, min(count, segment.nbytes - position - count))
         writer.copy_from(descriptor, segment.path, segment.offset + position, count, buffer)
         progress.update(count)
         position += count
@@ -143,6 +154,8 @@ def _segment_chunks(segment: Segment, sources: SourceFiles, buffer: bytearray) -
     while position < segment.nbytes:
         count = min(chunk_capacity, segment.nbytes - position)
         view = memoryview(buffer)[:count]
+        # The next chunk is read from disk while this one is converted and written.
+        sources.prefetch(segment.path, segment.offset + position + count, min(count, segment.nbytes - position - count))
         sources.read_into(segment.path, segment.offset + position, view)
         yield transform_chunk(view, segment.dtype, segment.transform, first_element)
         first_element += count // item_size

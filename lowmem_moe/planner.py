@@ -234,6 +234,9 @@ def _assign_shards(tensors: list[PlannedTensor], shard_size: int) -> list[Planne
     for index, group in enumerate(groups):
         offset = 0
         placed = []
+        # Routers go last in their shard, so that the copy of the shard's
+        # other tensors can run while the gate pass computes them.
+        group.sort(key=lambda tensor: isinstance(tensor.source, GateSource))
         for tensor in group:
             placed.append(_with_offset(tensor, offset))
             offset += tensor.nbytes

@@ -1,15 +1,17 @@
 """Check a written output against the model that transformers builds from its config.json.
 
 The model is built on the meta device, so the check allocates no weights.
+Building it takes a few seconds, mostly importing transformers' model code,
+so a merge builds it in the background while it copies (see merge.py).
 """
 
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from .checkpoint import Checkpoint
 from .errors import OutputError
@@ -26,12 +28,37 @@ PER_EXPERT_PATTERN = re.compile(
 GATE_UP_PROJECTIONS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up"}
 
 
-def check_structure(folder: Path) -> None:
+@dataclass(frozen=True)
+class ModelParameters:
+    """The parameter shapes of the model that transformers builds from a config.json."""
+
+    shapes: dict[str, tuple[int, ...]]
+    model_class: str
+
+
+def model_parameters(folder: Path) -> ModelParameters:
+    """Build the model of ``folder``'s config.json on the meta device and return its parameter shapes.
+
+    Tied output embeddings are left out, as checkpoints do not store them.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return ModelParameters(shapes=shapes, model_class=type(model).__name__)
+
+
+def check_structure(folder: Path, expected: ModelParameters | None = None) -> None:
     """Raise OutputError unless every parameter of the model built from config.json has a tensor of its shape.
 
     Tensor names and shapes come from the index and shard headers. Per-expert
     tensors are compared in the fused form where the installed transformers
-    builds fused expert parameters.
+    builds fused expert parameters. ``expected`` is ``model_parameters(folder)``
+    when the caller built it already, from the same config.json.
     """
     checkpoint = Checkpoint.open(folder)
     written = {name: tuple(checkpoint.locate(name).entry.shape) for name in checkpoint.tensor_names}
@@ -39,17 +66,12 @@ def check_structure(folder: Path) -> None:
     if index_names != set(written):
         raise OutputError(f"{folder}: the index and the shard headers list different tensors.")
 
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    if getattr(config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
-
-    if not set(written) <= set(expected):
+    if expected is None:
+        expected = model_parameters(folder)
+    if not set(written) <= set(expected.shapes):
         written = _fused_form(written)
-    _compare(folder, expected, written)
-    logger.info("Structure check passed: %d parameters match %s", len(expected), type(model).__name__)
+    _compare(folder, expected.shapes, written)
+    logger.info("Structure check passed: %d parameters match %s", len(expected.shapes), expected.model_class)
 
 
 def _fused_form(written: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

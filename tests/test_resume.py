@@ -117,9 +117,12 @@ def test_resume_after_random_kills(sources, reference, tmp_path):
 
 
 def kill_during_copy(command: list[str], out: Path) -> None:
+    # The gate pass runs beside the copy, so the kill waits for its saved
+    # routers as well as for a finished shard.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staging = staging_of(out)
-    while process.poll() is None and not list(staging.glob("model-*.safetensors")):
+    routers = staging / ".lowmem-moe-routers.safetensors"
+    while process.poll() is None and not (routers.exists() and list(staging.glob("model-*.safetensors"))):
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
