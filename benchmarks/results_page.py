@@ -68,9 +68,12 @@ BENCH_METHOD = """### Method
   also samples the RSS of the merge process every 50 ms from the moment its log shows the
   "Writing shards" progress bar, which starts the copy phase, to the end of the run (the output's
   metadata files and lowmem-moe's structure check of the output follow the copy phase). That "copy
-  phase MB" column includes memory that earlier phases left allocated, so it is an upper bound of
-  what the copy phase needs, and like any sampled peak it can miss spikes shorter than 50 ms. The
-  target uses it; the whole-process peaks stand beside it. The `plan` row measures `lowmem-moe plan` (imports,
+  phase MB" column includes memory that earlier phases left allocated, and the structure check's
+  model, which is built in a thread beside the copy, so it is an upper bound of what the copy
+  phase needs, and like any sampled peak it can miss spikes shorter than 50 ms. The target uses
+  it; the whole-process peaks stand beside it. With `hidden` gates the gate pass runs in a thread
+  beside the copy, so that merge has no copy phase of its own: its whole-process peak is checked
+  against the 3 GB target of the gate pass. The `plan` row measures `lowmem-moe plan` (imports,
   config, source headers, plan; no gate pass and no copying), and the import baseline a process
   that only imports torch, transformers and lowmem-moe.
 """
@@ -176,9 +179,9 @@ def _bench_section(bench: dict[str, Any]) -> str:
     lines.append(
         f"Each merge ran {bench.get('repeats', 1)} times, each run followed by cp of its output. random-bf16 "
         "copies every tensor unchanged (bfloat16 in and out). random-f16 converts every tensor to float16 "
-        "through the transform path. hidden-bf16 first runs the prompts through the base model one "
-        "decoder layer at a time (the hidden gate pass), so its peak RSS is that pass's, not the copy "
-        "phase's. A row reading \"not supported yet\" is a merge that `lowmem-moe plan` rejects."
+        "through the transform path. hidden-bf16 also runs the prompts through the base model one "
+        "decoder layer at a time (the hidden gate pass), in a thread beside the copy, so its peak RSS "
+        "is that of both together. A row reading \"not supported yet\" is a merge that `lowmem-moe plan` rejects."
     )
     lines.append("")
 

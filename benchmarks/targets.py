@@ -7,11 +7,16 @@ from typing import Any
 from .measure import OK, RunRecord
 
 COPY_PHASE_PEAK_LIMIT_BYTES = 512 * 10**6
+GATE_PASS_PEAK_LIMIT_BYTES = 3 * 10**9
 MAX_TIME_OVER_CP = 1.25
 MIN_RSS_ADVANTAGE_OVER_MERGEKIT = 10.0
 
 PEAK_TARGET = "copy phase peak RSS under 512 MB"
+GATE_PASS_TARGET = "hidden gate pass peak RSS under 3 GB (float32)"
 TIME_TARGET = "merge time at most 1.25x cp of the same bytes"
+# Gate modes whose pass runs the base model. lowmem-moe runs that pass
+# while it copies, so such a merge has no copy phase of its own.
+MODEL_GATE_MODES = ("hidden", "hidden_last", "hidden_avg")
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,11 @@ def bench_targets(bench: dict[str, Any]) -> list[TargetResult]:
             continue
         whole = max(merge.peak_rss_bytes for merge in merges)
         copy_peaks = [merge.copy_phase_peak_rss_bytes for merge in merges]
-        if None in copy_peaks:
+        if row["case"]["gate_mode"] in MODEL_GATE_MODES:
+            # The whole process's peak includes the copy that runs beside the gate pass.
+            measured = f"{whole / 1e6:.0f} MB whole process, gate pass and copy together"
+            results.append(TargetResult(GATE_PASS_TARGET, name, measured, whole < GATE_PASS_PEAK_LIMIT_BYTES))
+        elif None in copy_peaks:
             # Without a copy phase sample, the whole run's peak is the bound.
             measured = f"{whole / 1e6:.0f} MB (whole process)"
             results.append(TargetResult(PEAK_TARGET, name, measured, whole < COPY_PHASE_PEAK_LIMIT_BYTES))
