@@ -15,6 +15,11 @@ DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes per output file, as mergekit-moe and t
 # tokenizer; tokenizers with larger vocabularies take more.
 LIBRARY_WARMUP_BYTES = 64 * 1024**2
 
+# Bytes of a linear layer's weight that the hidden gate pass holds at once:
+# the read buffer in the checkpoint's dtype and the block converted to the
+# compute dtype each stay within this.
+WEIGHT_BLOCK_BYTES = 16 * 1024**2
+
 # Hidden states of one batch of equal-length prompts in the gate pass. The
 # layer's activations for a batch were measured at up to about 17 times its
 # states (a tiny Llama, transformers 5.25, 10,000 prompts), so batches stay
