@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint
 from .dtypes import ITEM_SIZES, TORCH_DTYPES
 from .embedding_rows import EmbeddingRows
 from .errors import SourceError
-from .memory_budget import WEIGHT_BLOCK_BYTES
+from .memory_budget import WEIGHT_BLOCK_BYTES, LayerShape, pack_token_limit
 from .plan import Segment, Transform
 from .segment_reader import SegmentReader
 from .streamed_linear import BlockBuffers, StreamedLinear
@@ -46,6 +46,8 @@ class LayerStream:
         self._layer_class, rotary_class = _layer_classes(self.config)
         self.rotary = rotary_class(config=self.config)
         self.embeddings = EmbeddingRows(checkpoint, EMBEDDING_TENSOR)
+        # Maximum tokens per forward call when callers pack prompts together.
+        self.pack_tokens = pack_token_limit(_layer_shape(self.config))
         self._block_buffers = BlockBuffers(compute_dtype, weight_block_bytes)
 
     def close(self) -> None:
@@ -102,20 +104,24 @@ class LayerStream:
             )
             layer.set_submodule(name, streamed)
 
-    def forward_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Apply a loaded layer to sequences of equal length and return states of the same shape.
+    def forward_layer(
+        self, layer: nn.Module, index: int, hidden: torch.Tensor, lengths: list[int] | None = None
+    ) -> torch.Tensor:
+        """Apply a loaded layer to one sequence or to several packed into one, and return states of the same shape.
 
-        ``hidden`` is (tokens, hidden) for one sequence or (sequences, tokens,
-        hidden) for several. Positions start at 0 and the mask is causal,
-        with the model's sliding window where this layer uses one, so each
-        sequence gets the states it has when run alone, with no padding.
+        ``hidden`` is (tokens, hidden). ``lengths``, when given, splits it
+        into sequences that follow each other. Each sequence gets positions
+        from 0 and a causal mask within itself only, with the model's
+        sliding window where this layer uses one, so it gets the states it
+        has when run alone, with no padding.
         """
-        single = hidden.dim() == 2
-        states = hidden.unsqueeze(0) if single else hidden  # (sequences, tokens, hidden)
-        length = states.shape[1]
-        position_ids = torch.arange(length).unsqueeze(0)
+        lengths = [hidden.shape[0]] if lengths is None else lengths
+        if sum(lengths) != hidden.shape[0]:
+            raise ValueError(f"lengths {lengths} do not add up to the {hidden.shape[0]} tokens of the states")
+        states = hidden.unsqueeze(0)  # (1, tokens, hidden)
+        position_ids = torch.cat([torch.arange(length) for length in lengths]).unsqueeze(0)  # (1, tokens)
         position_embeddings = self.rotary(states, position_ids)
-        mask = _causal_mask(length, self._sliding_window(index), states.dtype)
+        mask = _packed_causal_mask(lengths, self._sliding_window(index), states.dtype)
         with torch.no_grad():
             output = layer(
                 states, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings
@@ -124,7 +130,7 @@ class LayerStream:
             output = output[0]
         if not torch.isfinite(output).all():
             self._raise_non_finite(layer, index)
-        return output[0] if single else output
+        return output[0]
 
     def _raise_non_finite(self, layer: nn.Module, index: int) -> None:
         # Scanning every weight costs time, so it happens only once the
@@ -192,15 +198,25 @@ def _layer_classes(config: PretrainedConfig) -> tuple[type, type]:
     raise SourceError(f"transformers' {model_type} code has no decoder layer with rotary embeddings.")
 
 
-def _causal_mask(length: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+def _layer_shape(config: PretrainedConfig) -> LayerShape:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return LayerShape(config.hidden_size, config.intermediate_size, heads, head_dim)
+
+
+def _packed_causal_mask(lengths: list[int], window: int | None, dtype: torch.dtype) -> torch.Tensor:
     # Additive mask of shape (1, 1, query, key): 0 where the query may attend
     # to the key, the dtype's minimum elsewhere, as transformers builds it.
-    query = torch.arange(length).unsqueeze(1)
-    key = torch.arange(length).unsqueeze(0)
-    allowed = key <= query
+    # A query attends only to keys of its own sequence, so the mask is block
+    # diagonal, with each block causal and windowed as for a sequence alone.
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (tokens,)
+    position = torch.cat([torch.arange(length) for length in lengths])  # (tokens,)
+    query, key = position.unsqueeze(1), position.unsqueeze(0)
+    allowed = sequence.unsqueeze(1) == sequence.unsqueeze(0)
+    allowed &= key <= query
     if window is not None:
         allowed &= key > query - window
-    mask = torch.zeros(length, length, dtype=dtype)
+    mask = torch.zeros(len(position), len(position), dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
