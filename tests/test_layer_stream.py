@@ -119,6 +119,24 @@ def test_streamed_linear_spans_segments(tmp_path):
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_streamed_linear_row_over_block(tmp_path):
+    # A row larger than the shared buffers is read into a buffer of its own.
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 6, generator=generator)
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": weight}, path)
+    entry = read_header(path).tensors["w"]
+    segments = [Segment(path, entry.offset, entry.nbytes, "F32", Transform(out_dtype="F32"))]
+    buffers = BlockBuffers(torch.float32, block_bytes=8)  # a row is 24 bytes
+    linear = StreamedLinear(6, 3, segments, "F32", buffers, bias=False, weight_name="w")
+    inputs = torch.randn(4, 6, generator=generator)
+
+    actual = linear(inputs)
+
+    assert linear.block_rows == 1
+    torch.testing.assert_close(actual, F.linear(inputs, weight), rtol=1e-6, atol=1e-6)
+
+
 def test_pack_prompts_bounded():
     lengths = [5, 30, 1, 12, 8, 8, 19, 2, 40, 3]
 
