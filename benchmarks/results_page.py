@@ -310,8 +310,9 @@ def _router_notes(peer: dict[str, Any]) -> list[str]:
             notes.append(
                 f"In {name}, {comparison['routers_equal']} of {comparison['routers_compared']} routers are bit for "
                 "bit equal. mergekit-moe 0.1.5 runs the base model in bfloat16 on batches of left-padded "
-                "prompts, while lowmem-moe runs each prompt alone through one decoder layer at a time in "
-                "float32 (its default gate dtype), so the routers are close but need not be equal."
+                "prompts, while lowmem-moe runs each prompt without padding, from position 0, one decoder "
+                "layer at a time in float32 (its default gate dtype), so the routers are close but need not "
+                "be equal."
             )
     return [" ".join(notes)]
 

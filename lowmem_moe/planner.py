@@ -15,6 +15,8 @@ from .memory_budget import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SHARD_SIZE,
     LIBRARY_WARMUP_BYTES,
+    MODEL_CODE_BYTES,
+    LayerShape,
     MemoryBudget,
     cheap_embed_bytes,
     hidden_pass_bytes,
@@ -93,12 +95,22 @@ def _gate_pass_bytes(config: MergeConfig, sources: MergeSources, options: PlanOp
     if not config.gate_mode.startswith("hidden"):
         return cheap_embed_bytes(len(config.experts), base.config.hidden_size, options.chunk_size)
 
-    # Layer 0 stands for every layer: decoder layers of one model share shapes.
-    layer_parameters = sum(
-        math.prod(base.locate(name).entry.shape) for name in base.tensor_names if name.startswith("model.layers.0.")
-    )
+    # Layer 0 stands for every layer: decoder layers of one model share
+    # shapes. The 2-D tensors of a dense layer are the nn.Linear weights,
+    # which the pass streams in blocks. The rest, norms and biases, are
+    # filled whole.
+    filled_parameters = 0
+    for name in base.tensor_names:
+        tensor_shape = base.locate(name).entry.shape
+        if name.startswith("model.layers.0.") and len(tensor_shape) != 2:
+            filled_parameters += math.prod(tensor_shape)
+    raw = base.config.raw
+    heads = base.config.require_int("num_attention_heads")
+    head_dim = raw.get("head_dim") if isinstance(raw.get("head_dim"), int) else base.config.hidden_size // heads
+    shape = LayerShape(base.config.hidden_size, base.config.intermediate_size, heads, head_dim)
     # Tokens are not counted before the tokenizer runs, so assume 512 per prompt.
-    return hidden_pass_bytes(layer_parameters, ITEM_SIZES[options.gate_dtype], base.config.hidden_size, 512)
+    working_memory = hidden_pass_bytes(shape, filled_parameters, ITEM_SIZES[options.gate_dtype], 512)
+    return MODEL_CODE_BYTES + working_memory
 
 
 def _check_experts_distinct(config: MergeConfig, sources: MergeSources, options: PlanOptions) -> None:

@@ -52,7 +52,7 @@ def test_ten_thousand_prompts_bounded(tmp_path, models):
     few = measured_merge(write_config(tmp_path / "few.yml", base, experts, 2_500), tmp_path / "few")
     many = measured_merge(write_config(tmp_path / "many.yml", base, experts, 10_000), tmp_path / "many")
 
-    # From 2,500 prompts on, every gate-pass batch is at its size limit, so
+    # From 2,500 prompts on, every gate-pass pack is at its size limit, so
     # only the YAML text and token lists grow, by a few MB, plus allocator
     # noise of several MB between runs. The 7,500 extra prompts of up to 14
     # tokens have about 27 MB of states, which stay on disk; holding them

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_moe.memory_budget import MemoryBudget, cheap_embed_bytes, router_bytes
+from lowmem_moe.memory_budget import (
+    LayerShape,
+    MemoryBudget,
+    cheap_embed_bytes,
+    hidden_pass_bytes,
+    pack_token_limit,
+    router_bytes,
+)
 from model_factory import make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,45 +111,80 @@ def test_merge_peak_rss_bounded(large_sources, tmp_path):
     assert merge_peak < bound, f"peak {merge_peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
 
 
-# A float32 decoder layer of this shape has 44 M parameters, 176 MB, and the
-# whole model about 1.2 GB, so holding two layers passes and holding the
-# model fails.
-GATE_SHAPE = ModelShape(
+# A decoder layer of this shape has 111 M parameters, 424 MiB in float32,
+# the gate pass's compute dtype. The pass's bound, two 16 MiB weight blocks
+# and one pack's activations with heap slack, is 224 MiB, so holding the
+# layer whole breaks it.
+STREAM_SHAPE = ModelShape(
     hidden_size=2048,
-    intermediate_size=5632,
+    intermediate_size=16384,
     num_attention_heads=16,
     num_key_value_heads=4,
-    vocab_size=32000,
-    num_hidden_layers=4,
-    dtype="F32",
+    vocab_size=4096,
+    num_hidden_layers=3,
+    dtype="BF16",
 )
+STREAM_WORDS = ["numbers", "python", "equation", "code", "hello", "function", "algebra", "thank", "you", "loop"]
+
+# The gate pass's libraries: the merge's imports and tokenizer, plus
+# transformers' Llama code and torch's first matrix product, which the pass
+# loads when it starts, whatever the model's size.
+GATE_BASELINE_SCRIPT = BASELINE_SCRIPT + """
+import transformers.models.llama.modeling_llama
+torch.nn.functional.linear(torch.ones(4, 64), torch.ones(64, 64))
+"""
+
+# The hidden gate pass alone, as a merge runs it.
+GATE_PASS_SCRIPT = """
+import sys
+from pathlib import Path
+from lowmem_moe.config import load_merge_config
+from lowmem_moe.gates import compute_router_weights
+from lowmem_moe.sources import open_sources
+config = load_merge_config(sys.argv[1])
+compute_router_weights(config, open_sources(config), seed=0, scratch_folder=Path(sys.argv[2]))
+"""
 
 
-def layer_bytes(shape: ModelShape) -> int:
+def stream_layer_parameters(shape: ModelShape) -> tuple[int, int]:
+    """Return a layer's linear weight parameters and its other (norm) parameters."""
     kv = shape.num_key_value_heads * shape.head_dim
-    parameters = 2 * shape.hidden_size**2 + 2 * kv * shape.hidden_size + 3 * shape.hidden_size * shape.intermediate_size
-    return 4 * parameters
+    linear = 2 * shape.hidden_size**2 + 2 * kv * shape.hidden_size + 3 * shape.hidden_size * shape.intermediate_size
+    return linear, 2 * shape.hidden_size
 
 
-def test_hidden_gate_pass_holds_one_layer(tmp_path):
-    base = write_synthetic_model(tmp_path / "base", GATE_SHAPE, seed=0)
-    make_tokenizer(base, vocab_size=128, bos_token="<s>")
-    experts = [write_synthetic_model(tmp_path / f"e{i}", GATE_SHAPE, seed=1 + i, mlp_only=True) for i in range(2)]
+def stream_prompt(index: int) -> str:
+    # Distinct prompts of 3 to 12 words.
+    return " ".join(STREAM_WORDS[(index * 7 + k * 3) % len(STREAM_WORDS)] for k in range(3 + index % 10)) + f" {index}"
+
+
+def test_hidden_gate_pass_streams_weights(tmp_path):
+    base = write_synthetic_model(tmp_path / "base", STREAM_SHAPE, seed=0)
+    tokenizer = make_tokenizer(base, vocab_size=128, bos_token="<s>")
+    prompts = [stream_prompt(index) for index in range(40)]
+    lines = ["base_model: base", "gate_mode: hidden", "experts:"]
+    for expert in range(2):
+        lines += ["  - source_model: base", "    positive_prompts:"]
+        lines += [f"      - \"{prompt}\"" for prompt in prompts[expert::2]]
     config = tmp_path / "merge.yml"
-    config.write_text(
-        "base_model: base\ngate_mode: hidden\nexperts:\n"
-        f"  - source_model: {experts[0].name}\n    positive_prompts: [\"solve the equation\", \"numbers\"]\n"
-        f"  - source_model: {experts[1].name}\n    positive_prompts: [\"python code\"]\n"
-    )
+    config.write_text("\n".join(lines) + "\n")
 
-    baseline = peak_rss([sys.executable, "-c", BASELINE_SCRIPT, str(base)])
-    merge_peak = peak_rss(
-        [sys.executable, "-m", "lowmem_moe.cli", "merge", str(config), str(tmp_path / "out"), "--chunk-size", str(CHUNK_SIZE)]
-    )
-    one_layer = layer_bytes(GATE_SHAPE)
-    bound = baseline + 2 * one_layer + MARGIN_BYTES
-    model_bytes = (base / "model.safetensors").stat().st_size
+    baseline = peak_rss([sys.executable, "-c", GATE_BASELINE_SCRIPT, str(base)])
+    gate_peak = peak_rss([sys.executable, "-c", GATE_PASS_SCRIPT, str(config), str(tmp_path)])
 
-    # Loading the whole base model would break the bound.
-    assert model_bytes > 2 * one_layer + MARGIN_BYTES
-    assert merge_peak < bound, f"peak {merge_peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
+    layer_shape = LayerShape(
+        STREAM_SHAPE.hidden_size, STREAM_SHAPE.intermediate_size, STREAM_SHAPE.num_attention_heads, STREAM_SHAPE.head_dim
+    )
+    token_counts = [1 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts]
+    linear_parameters, norm_parameters = stream_layer_parameters(STREAM_SHAPE)
+    one_layer = 4 * (linear_parameters + norm_parameters)  # float32 bytes
+    working_memory = hidden_pass_bytes(layer_shape, norm_parameters, 4, max(token_counts))
+
+    # The prompts fill more than one pack, so the bound covers a full pack,
+    # and a pass that held one layer whole would break the bound.
+    assert sum(token_counts) > pack_token_limit(layer_shape)
+    assert working_memory + MARGIN_BYTES < one_layer
+    assert gate_peak - baseline < working_memory + MARGIN_BYTES, (
+        f"the gate pass added {(gate_peak - baseline) / 2**20:.0f} MiB to the libraries' "
+        f"{baseline / 2**20:.0f} MiB, bound {(working_memory + MARGIN_BYTES) / 2**20:.0f} MiB"
+    )

@@ -8,7 +8,7 @@ import torch
 from ..config import ExpertConfig
 from ..errors import UserError
 from ..layer_stream import LayerStream
-from ..memory_budget import STATE_BATCH_BYTES
+from .prompt_packs import pack_prompts
 from .prompt_set import NEGATIVE, POSITIVE, PromptUse, expert_label
 from .state_store import StateStore
 from ..progress import progress_bar
@@ -17,24 +17,6 @@ logger = logging.getLogger(__name__)
 
 # gate_mode values and whether each takes the last token (True) or the mean over tokens.
 HIDDEN_MODES = {"hidden": True, "hidden_last": True, "hidden_avg": False}
-
-
-def length_batches(lengths: list[int], row_bytes: int, max_batch_bytes: int) -> list[list[int]]:
-    """Group prompt indices into batches of equal token count, each at most ``max_batch_bytes`` of states.
-
-    Prompts of equal length run together without padding, so batching does
-    not change their states. A prompt longer than the limit gets a batch of
-    its own.
-    """
-    by_length: dict[int, list[int]] = {}
-    for index, length in enumerate(lengths):
-        by_length.setdefault(length, []).append(index)
-
-    batches = []
-    for length, indices in sorted(by_length.items()):
-        per_batch = max(1, max_batch_bytes // (length * row_bytes))
-        batches += [indices[start : start + per_batch] for start in range(0, len(indices), per_batch)]
-    return batches
 
 
 def hidden_router_weights(
@@ -48,10 +30,11 @@ def hidden_router_weights(
 
     The vector of layer i is the hidden state entering decoder layer i,
     which is index i of transformers' ``output_hidden_states``: the last
-    token's state, or the mean over the prompt's tokens. Each prompt runs
-    alone, without padding, from position 0. An expert's vector is the mean
-    over its positive prompts minus the mean over its negative prompts,
-    L2-normalised per layer, as mergekit-moe computes it.
+    token's state, or the mean over the prompt's tokens. Several prompts
+    share each forward call, but each starts at position 0 and attends only
+    to its own tokens, without padding, as if it ran alone. An expert's
+    vector is the mean over its positive prompts minus the mean over its
+    negative prompts, L2-normalised per layer, as mergekit-moe computes it.
     """
     num_layers = stream.num_layers
     hidden_size = stream.config.hidden_size
@@ -63,8 +46,9 @@ def hidden_router_weights(
             counts[expert_index, sign] += 1
 
     lengths = [len(prompt.token_ids) for prompt in prompts]
-    item_size = torch.empty(0, dtype=stream.compute_dtype).element_size()
-    batches = length_batches(lengths, hidden_size * item_size, STATE_BATCH_BYTES)
+    # Every forward call reads the layer's linear weights again, so prompts
+    # run in as few packs as the memory budget allows.
+    packs = pack_prompts(lengths, stream.pack_tokens)
     with StateStore(scratch_folder, lengths, hidden_size, stream.compute_dtype) as store:
         for slot, prompt in enumerate(prompts):
             store.write(slot, stream.embed(prompt.token_ids))
@@ -73,16 +57,15 @@ def hidden_router_weights(
             # The last layer's output is never used: no router reads it.
             layer = stream.load_layer(layer_index) if layer_index < num_layers - 1 else None
             try:
-                for batch in batches:
-                    states = torch.stack([store.read(slot) for slot in batch])  # (prompts, tokens, hidden)
-                    vectors = states[:, -1] if last_token else states.mean(dim=1, dtype=torch.float32)
-                    for row, slot in enumerate(batch):
+                for pack in packs:
+                    pack_lengths = [lengths[slot] for slot in pack]
+                    states = store.read_pack(pack)  # (pack tokens, hidden)
+                    for slot, prompt_states in zip(pack, states.split(pack_lengths)):
+                        vector = prompt_states[-1] if last_token else prompt_states.mean(dim=0, dtype=torch.float32)
                         for expert_index, sign in prompts[slot].uses:
-                            sums[layer_index, expert_index, sign] += vectors[row].double()
+                            sums[layer_index, expert_index, sign] += vector.double()
                     if layer is not None:
-                        outputs = stream.forward_layer(layer, layer_index, states)
-                        for row, slot in enumerate(batch):
-                            store.write(slot, outputs[row])
+                        store.write_pack(pack, stream.forward_layer(layer, layer_index, states, pack_lengths))
             finally:
                 stream.free_layer(layer)
 

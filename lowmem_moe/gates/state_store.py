@@ -2,8 +2,8 @@
 
 All prompts must pass through layer i before layer i + 1 is loaded, so every
 prompt's states must be kept somewhere in between. A file on disk keeps
-memory flat however many prompts there are: only one prompt's states are
-in memory at a time.
+memory flat however many prompts there are: only the states of one pack of
+prompts are in memory at a time.
 """
 
 import os
@@ -56,13 +56,32 @@ class StateStore:
 
     def read(self, slot: int) -> torch.Tensor:
         """Return the (tokens, hidden) states of one prompt."""
-        size = self._lengths[slot] * self._row_bytes
-        buffer = bytearray(size)
-        view = memoryview(buffer)
+        return self.read_pack([slot])
+
+    def read_pack(self, slots: list[int]) -> torch.Tensor:
+        """Return the states of several prompts one after another, shape (total tokens, hidden)."""
+        total = sum(self._lengths[slot] for slot in slots)
+        states = torch.empty(total, self.hidden_size, dtype=self.dtype)
+        data = memoryview(states.view(torch.uint8).numpy()).cast("B")
+        start = 0
+        for slot in slots:
+            size = self._lengths[slot] * self._row_bytes
+            self._read_into(slot, data[start : start + size])
+            start += size
+        return states
+
+    def write_pack(self, slots: list[int], states: torch.Tensor) -> None:
+        """Store the states of several prompts that follow each other in ``states``, as read_pack returns them."""
+        lengths = [self._lengths[slot] for slot in slots]
+        if states.shape[0] != sum(lengths):
+            raise ValueError(f"slots {slots} have {sum(lengths)} tokens, got states of shape {tuple(states.shape)}")
+        for slot, prompt_states in zip(slots, states.split(lengths)):
+            self.write(slot, prompt_states)
+
+    def _read_into(self, slot: int, target: memoryview) -> None:
         filled = 0
-        while filled < size:
-            count = os.preadv(self._descriptor, [view[filled:]], self._offsets[slot] + filled)
+        while filled < len(target):
+            count = os.preadv(self._descriptor, [target[filled:]], self._offsets[slot] + filled)
             if count == 0:
                 raise OSError(f"state scratch file ended early at slot {slot}")
             filled += count
-        return torch.frombuffer(buffer, dtype=self.dtype).view(self._lengths[slot], self.hidden_size)
