@@ -2,12 +2,13 @@
 
 The model card's record gives the YAML text, where the YAML was and the
 options of the merge. From them the plan is built again against the same
-sources. The comparison covers shard names and the index, config.json, each
+sources. The comparison covers shard names and the index, config.json, the
+tokenizer files and generation_config.json copied from the base, each
 shard's size and header, and then every tensor's data, streamed from the
-sources chunk by chunk. The tokenizer files, generation_config.json and the
-model card itself are not compared.
+sources chunk by chunk. The model card itself is not compared.
 """
 
+import filecmp
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .checkpoint import Checkpoint
 from .config import parse_merge_config
 from .dtypes import torch_dtype
 from .errors import SourceError, UserError
@@ -26,6 +28,7 @@ from .merge import PreparedMerge, prepare_resolved
 from .merge_record import MergeRecord, read_record
 from .model_resolution import resolve_sources
 from .plan import MergePlan
+from .output_files import GENERATION_CONFIG, tokenizer_files
 from .plan_executor import SourceFiles
 from .plan_report import format_bytes
 from .progress import progress_bar
@@ -94,7 +97,11 @@ def verify_output(folder: Path, chunk_size: int | None = None) -> VerifyReport:
     plan = prepared.plan
     report = _report_for(folder, plan)
 
-    mismatch = _compare_files(folder, plan) or _compare_config(folder, plan.output_config)
+    mismatch = (
+        _compare_files(folder, plan)
+        or _compare_config(folder, plan.output_config)
+        or _compare_base_files(folder, prepared.sources.base)
+    )
     if mismatch is None:
         mismatch = _first(compare_shard_layout(folder / shard.file_name, shard) for shard in plan.shards)
     if mismatch is not None:
@@ -253,6 +260,20 @@ def _compare_config(folder: Path, output_config: dict[str, Any]) -> Mismatch | N
     for key in found:
         if key not in expected:
             return Mismatch(CONFIG_NAME, f"{CONFIG_NAME}: key {key!r} is not in the plan's config.")
+    return None
+
+
+def _compare_base_files(folder: Path, base: Checkpoint) -> Mismatch | None:
+    """Return the first tokenizer or generation config file whose copy in the output differs from the base's, or None."""
+    paths = tokenizer_files(base)
+    if (base.folder / GENERATION_CONFIG).is_file():
+        paths.append(base.folder / GENERATION_CONFIG)
+    for source in paths:
+        copy = folder / source.name
+        if not copy.is_file():
+            return Mismatch(source.name, f"{source.name}: missing, but the base model has it ({source}).")
+        if not filecmp.cmp(source, copy, shallow=False):
+            return Mismatch(source.name, f"{source.name}: differs from the base model's {source}.")
     return None
 
 

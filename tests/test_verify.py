@@ -220,6 +220,21 @@ def test_config_extra_key_detected(merged):
     assert "'added_by_hand'" in mismatch.message
 
 
+def test_tokenizer_edit_detected(merged, capsys):
+    tokenizer = merged / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text() + " ")
+
+    assert main(["verify", str(merged)]) == 1
+    assert "tokenizer.json: differs from the base model's" in capsys.readouterr().err
+
+
+def test_missing_tokenizer_file_detected(merged, capsys):
+    (merged / "tokenizer_config.json").unlink()
+
+    assert main(["verify", str(merged)]) == 1
+    assert "tokenizer_config.json: missing, but the base model has it" in capsys.readouterr().err
+
+
 def test_index_edit_detected(merged):
     path = merged / "model.safetensors.index.json"
     index = json.loads(path.read_text())
