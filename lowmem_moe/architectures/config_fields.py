@@ -1,8 +1,10 @@
-"""Fields of a dense source config.json that carry no model computation.
+"""Fields of a dense source config.json, grouped by how an output architecture treats them.
 
-Dropping these loses nothing when the config is rewritten for another
-architecture. Any field not listed here, and not handled by the output
-architecture, is an error rather than a silent drop.
+The metadata fields below carry no model computation, so dropping them
+loses nothing when the config is rewritten for another architecture. The
+decoder fields are carried over as they are. Any field not listed here, and
+not handled by the output architecture, is an error rather than a silent
+drop.
 """
 
 # Names, versions and runtime switches written by transformers.
@@ -81,3 +83,24 @@ LEGACY_GENERATION_FIELDS = frozenset(
 )
 
 IGNORABLE_FIELDS = METADATA_FIELDS | LEGACY_GENERATION_FIELDS
+
+
+# Fields of a Llama-style decoder that every output architecture carries
+# over from the base as they are.
+DECODER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+    "initializer_range",
+)

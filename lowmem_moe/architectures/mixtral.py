@@ -11,26 +11,10 @@ from ..config import MergeConfig
 from ..sources import MergeSources
 from .base import OutputArchitecture, TensorSpec
 from .config_builder import carried_fields, fixed_field_reasons, rope_fields
+from .config_fields import DECODER_FIELDS
 from .moe_layout import MoeNaming, build_tensor_specs
 
-CARRIED_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "attention_dropout",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "tie_word_embeddings",
-    "initializer_range",
-)
+CARRIED_FIELDS = DECODER_FIELDS + ("head_dim",)
 
 # Source fields that Mixtral can express only at one value, with the reason.
 FIXED_FIELDS: dict[str, tuple[object, str]] = {

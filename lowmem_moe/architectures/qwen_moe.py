@@ -6,25 +6,9 @@ from ..config import MergeConfig
 from ..sources import MergeSources
 from .base import OutputArchitecture, TensorSpec
 from .config_builder import carried_fields, fixed_field_reasons, rope_fields
+from .config_fields import DECODER_FIELDS
 from .moe_layout import MoeNaming, build_tensor_specs
 
-COMMON_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "attention_dropout",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "tie_word_embeddings",
-    "initializer_range",
-)
 
 ATTENTION_TENSORS = (
     "input_layernorm.weight",
@@ -106,7 +90,7 @@ class Qwen2MoeArchitecture(_QwenMoeArchitecture):
         self, config: MergeConfig, sources: MergeSources, dtype_name: str, dropped_fields: frozenset[str]
     ) -> dict[str, Any]:
         base = sources.base.config
-        carried = COMMON_FIELDS + ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
+        carried = DECODER_FIELDS + ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
         output: dict[str, Any] = {"architectures": [self.class_name], "model_type": "qwen2_moe"}
         output.update(carried_fields(base, carried, frozenset(), dropped_fields, self.display_name))
         output["tie_word_embeddings"] = base.tie_word_embeddings
@@ -150,7 +134,7 @@ class Qwen3MoeArchitecture(_QwenMoeArchitecture):
         self, config: MergeConfig, sources: MergeSources, dtype_name: str, dropped_fields: frozenset[str]
     ) -> dict[str, Any]:
         base = sources.base.config
-        carried = COMMON_FIELDS + ("head_dim", "attention_bias", "use_sliding_window", "sliding_window")
+        carried = DECODER_FIELDS + ("head_dim", "attention_bias", "use_sliding_window", "sliding_window")
         # Without sliding windows these describe nothing, so they are dropped.
         handled = frozenset({"max_window_layers", "layer_types"})
         output: dict[str, Any] = {"architectures": [self.class_name], "model_type": "qwen3_moe"}
