@@ -1,18 +1,12 @@
 """A prompt list of 10,000 entries works, and memory does not grow with the number of prompts."""
 
-import subprocess
 import sys
 
 import pytest
 
 from model_factory import TinyModelSpec, make_model
+from peak_memory import peak_rss
 
-MEASURE = """
-import resource, subprocess, sys
-completed = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-print(completed.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-sys.stderr.write(completed.stderr[-2000:])
-"""
 WORDS = ["numbers", "python", "equation", "code", "hello", "function", "algebra", "thank", "you", "loop"]
 
 
@@ -31,11 +25,7 @@ def write_config(path, base, experts, count):
 
 
 def measured_merge(config, out):
-    command = [sys.executable, "-m", "lowmem_moe.cli", "merge", str(config), str(out), "-q"]
-    completed = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True)
-    returncode, peak = completed.stdout.split()
-    assert returncode == "0", completed.stderr
-    return int(peak)
+    return peak_rss([sys.executable, "-m", "lowmem_moe.cli", "merge", str(config), str(out), "-q"])
 
 
 @pytest.fixture(scope="module")

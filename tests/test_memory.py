@@ -1,7 +1,6 @@
 """Peak memory of a merge stays bounded by the chunk size, not by the size of the tensors."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from lowmem_moe.memory_budget import (
     router_bytes,
 )
 from model_factory import make_tokenizer
+from peak_memory import peak_rss
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,23 +37,6 @@ CHUNK_SIZE = 8 * 1024**2
 # Slack for allocator fragmentation, the tokenizer and tqdm. It is a fraction
 # of one large tensor, so it cannot hide a whole-tensor load.
 MARGIN_BYTES = 64 * 1024**2
-
-# ru_maxrss of the only child of a fresh interpreter is that child's peak,
-# in KiB on Linux, and includes mapped file pages that were touched.
-MEASURE = """
-import resource, subprocess, sys
-completed = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-print(completed.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-sys.stderr.write(completed.stderr)
-"""
-
-
-def peak_rss(command: list[str]) -> int:
-    completed = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
-    returncode, peak = completed.stdout.split()
-    assert returncode == "0", completed.stderr
-    return int(peak)
-
 
 @pytest.fixture(scope="module")
 def large_sources(tmp_path_factory) -> Path:
