@@ -157,3 +157,17 @@ def test_token_beyond_embedding_rejected(tmp_path):
     assert "id 120" in str(caught.value)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_cheap_embed_same_negatives_rejected(tmp_path, tiny_llama, tiny_experts):
+    prompts = [["python code", "numbers"], ["hello"], ["solve the equation"]]
+    negatives = [["python code", "numbers"], None, None]
+    config = write_config(tmp_path / "m.yml", tiny_llama, tiny_experts, "cheap_embed", prompts, negatives)
+
+    with pytest.raises(UserError) as caught:
+        merge(config, tmp_path / "out")
+
+    assert "expert 0 (line " in str(caught.value)
+    assert "router vector is zero" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))

@@ -8,10 +8,14 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import ExpertConfig
 from ..embedding_rows import EmbeddingRows
-from ..errors import SourceError
+from ..errors import SourceError, UserError
+from .prompt_set import expert_label
 from .prompt_tokens import prompt_token_ids
 
 logger = logging.getLogger(__name__)
+
+# Below this L2 norm a vector counts as zero, the same threshold as in hidden_states.py.
+ZERO_NORM = 1e-8
 
 
 def cheap_embed_router_weights(
@@ -23,14 +27,23 @@ def cheap_embed_router_weights(
     embeddings of every token of its positive prompts. When it has negative
     prompts, their normalised sum is subtracted and the result normalised
     again. Only the embedding rows of prompt tokens are read.
+
+    Raises:
+        UserError: an expert's vector is zero, which would give it an
+            all-zero router row. The message names the expert.
     """
     vectors = []
     for index, expert in enumerate(experts):
-        label = f"expert {index} (line {expert.line})"
+        label = expert_label(index, expert)
         vector = _normalised_sum(expert.positive_prompts, tokenizer, embeddings, label)
         if expert.negative_prompts:
             vector = vector - _normalised_sum(expert.negative_prompts, tokenizer, embeddings, label)
-            vector = vector / vector.norm().clamp(min=1e-8)
+            if vector.norm() < ZERO_NORM:
+                raise UserError(
+                    f"{label}: the router vector is zero, because its negative prompts give the same embedding "
+                    "sum as its positive prompts. Change one of the two lists."
+                )
+            vector = vector / vector.norm()
         vectors.append(vector)
 
     per_layer = torch.stack(vectors)  # (experts, hidden)
@@ -53,4 +66,9 @@ def _normalised_sum(
                 )
             total += row
     total = total.to(torch.float32)
-    return total / total.norm().clamp(min=1e-8)
+    if total.norm() < ZERO_NORM:
+        raise UserError(
+            f"{label}: the router vector is zero, because the embedding rows of its prompts' tokens sum to zero. "
+            "Use prompts with other tokens."
+        )
+    return total / total.norm()
