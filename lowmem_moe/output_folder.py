@@ -4,10 +4,13 @@ Nothing at OUT_DIR looks like a model until the last file is written: the
 merge writes into a hidden sibling folder and renames it to OUT_DIR at the
 end. A merge that fails on bad input removes its staging folder. One that is
 killed, interrupted or stopped by a full disk leaves it, and a rerun of the
-same merge resumes from it.
+same merge resumes from it. While a merge uses the staging folder, it holds
+an exclusive flock on the folder, so that a second merge into the same
+OUT_DIR fails at once instead of resuming or removing live progress.
 """
 
 import enum
+import fcntl
 import logging
 import os
 import shutil
@@ -38,6 +41,7 @@ class OutputFolder:
         self.overwrite = overwrite
         self.staging = self.target.parent / f".{self.target.name}.lowmem-moe-partial"
         self.state = FolderState.NEW
+        self._lock_descriptor: int | None = None  # open on the staging folder while this object holds its lock
 
     def check_target(self) -> None:
         """Raise OutputError unless the target can receive the merge.
@@ -64,7 +68,10 @@ class OutputFolder:
         self._expect(FolderState.NEW, "open_staging")
         self.check_target()
         if self.staging.exists():
+            # Locked before it is read, so that the progress of a live merge is not resumed or removed.
+            self._lock()
             if not (self.staging / STAGING_MARKER).is_file():
+                self._unlock()
                 raise OutputError(
                     f"{self.staging} exists but was not made by lowmem-moe. Move it away and run again."
                 )
@@ -75,10 +82,16 @@ class OutputFolder:
                 return True
             logger.warning("Not resuming the earlier progress in %s, because %s. Starting over.", self.staging, reason)
             shutil.rmtree(self.staging)
+            self._unlock()
         try:
             self.staging.mkdir()
+        except OSError as error:
+            raise OutputError(f"Cannot create {self.staging}: {error.strerror or error}.") from error
+        self._lock()
+        try:
             write_journal(self.staging, fingerprint)
         except OSError as error:
+            self._unlock()
             raise OutputError(f"Cannot create {self.staging}: {error.strerror or error}.") from error
         self.state = FolderState.STAGING
         return False
@@ -104,20 +117,48 @@ class OutputFolder:
             os.rename(self.staging, self.target)
         remove_progress_files(self.target)
         _fsync_folder(self.target.parent)
+        self._unlock()
         self.state = FolderState.PUBLISHED
         return self.target
 
     def keep(self) -> None:
-        """Leave the staging folder for a later resume, after an interruption or a full disk."""
+        """Leave the staging folder, unlocked, for a later resume after an interruption or a full disk."""
         if self.state is FolderState.STAGING:
             logger.info("Progress kept in %s; rerun the same command to resume.", self.staging)
+        self._unlock()
 
     def discard(self) -> None:
         """Remove the staging folder. Safe to call in any state."""
         if self.state is FolderState.STAGING and self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
+        self._unlock()
         if self.state is not FolderState.PUBLISHED:
             self.state = FolderState.DISCARDED
+
+    def _lock(self) -> None:
+        """Take the exclusive lock on the staging folder, or raise OutputError when another merge holds it."""
+        try:
+            descriptor = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as error:
+            raise OutputError(
+                f"Cannot open {self.staging}: {error.strerror or error}. Move it away and run again."
+            ) from error
+        try:
+            # flock locks belong to the open file description, so a second
+            # open of the folder conflicts even within one process.
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise OutputError(
+                f"Another lowmem-moe merge is writing to {self.target} (staging folder {self.staging}). "
+                "Wait for it to finish or choose another OUT_DIR."
+            ) from None
+        self._lock_descriptor = descriptor
+
+    def _unlock(self) -> None:
+        if self._lock_descriptor is not None:
+            os.close(self._lock_descriptor)  # closing the last descriptor releases the flock
+            self._lock_descriptor = None
 
     def _expect(self, state: FolderState, action: str) -> None:
         if self.state is not state:
