@@ -125,8 +125,12 @@ class _Use:
     role: ModelRole
 
 
-def resolve_sources(config: MergeConfig) -> SourceResolution:
+def resolve_sources(config: MergeConfig, cache_only: bool = False) -> SourceResolution:
     """Resolve every model of the config, fetching nothing but small metadata files.
+
+    With ``cache_only``, for commands that never download, it reads only the
+    Hugging Face cache, as in offline mode, and its errors do not suggest
+    going online to let lowmem-moe download.
 
     Raises:
         SourceError: a model is neither a local folder nor a Hub model, is
@@ -150,12 +154,12 @@ def resolve_sources(config: MergeConfig) -> SourceResolution:
             roles[use.local_path] = use.role
 
     cache_dir = hub_cache_dir()
-    offline = hub_offline()
+    offline = cache_only or hub_offline()
     resolved: dict[Path, ResolvedModel] = {}
     for use in uses:
         if use.local_path not in resolved:
             try:
-                resolved[use.local_path] = _resolve(use, roles[use.local_path], cache_dir, offline)
+                resolved[use.local_path] = _resolve(use, roles[use.local_path], cache_dir, offline, cache_only)
             except SourceError as error:
                 raise SourceError(f"{error} (referenced by {use.label} in {config.path})") from error
 
@@ -196,17 +200,19 @@ def download_pending(resolution: SourceResolution) -> SourceResolution:
     )
 
 
-def _resolve(use: _Use, role: ModelRole, cache_dir: Path, offline: bool) -> ResolvedModel:
+def _resolve(use: _Use, role: ModelRole, cache_dir: Path, offline: bool, cache_only: bool) -> ResolvedModel:
     # A local folder wins over a Hub model of the same name.
     if use.local_path.is_dir():
         return ResolvedModel(reference=use.reference, label=use.label, folder=use.local_path, role=role)
     reference = parse_model_reference(use.reference)
     if reference is None:
         raise SourceError(f"Model folder not found: {use.local_path}. Check the path in the merge YAML.")
-    return _resolve_hub(reference, use, role, cache_dir, offline)
+    return _resolve_hub(reference, use, role, cache_dir, offline, cache_only)
 
 
-def _resolve_hub(reference: ModelReference, use: _Use, role: ModelRole, cache_dir: Path, offline: bool) -> ResolvedModel:
+def _resolve_hub(
+    reference: ModelReference, use: _Use, role: ModelRole, cache_dir: Path, offline: bool, cache_only: bool
+) -> ResolvedModel:
     cached_config = find_cached_file(cache_dir, reference, CONFIG_FILE)
     if cached_config is not None:
         commit = cached_config.commit
@@ -221,11 +227,11 @@ def _resolve_hub(reference: ModelReference, use: _Use, role: ModelRole, cache_di
             return model
         if offline:
             missing_files = [file.name for file in model.pending] if model else []
-            raise SourceError(_incomplete_cache_message(reference, commit, folder, missing_files, gaps))
+            raise SourceError(_incomplete_cache_message(reference, commit, folder, missing_files, gaps, cache_only))
         listing = fetch_listing(reference, commit)
     else:
         if offline:
-            raise SourceError(_not_cached_message(reference, use.local_path, cache_dir))
+            raise SourceError(_not_cached_message(reference, use.local_path, cache_dir, cache_only))
         try:
             listing = fetch_listing(reference, reference.revision_or_default)
         except SourceError as error:
@@ -329,24 +335,40 @@ def _check_cache_space(resolution: SourceResolution) -> None:
         )
 
 
-def _not_cached_message(reference: ModelReference, local_path: Path, cache_dir: Path) -> str:
-    return (
+def _not_cached_message(reference: ModelReference, local_path: Path, cache_dir: Path, cache_only: bool) -> str:
+    missing = (
         f"Model folder not found: {local_path}, and {reference.repo_id} at revision {reference.revision_or_default} "
-        f"is not in the Hugging Face cache at {cache_dir}. HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so it "
+        f"is not in the Hugging Face cache at {cache_dir}."
+    )
+    if cache_only:
+        return (
+            f"{missing} This command reads only the cache and downloads nothing. Fetch the model with "
+            f"`{reference.download_command()}` and run the command again."
+        )
+    return (
+        f"{missing} HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so it "
         f"cannot be downloaded. Fetch it with `{reference.download_command()}` while online, or unset the variable "
         "to let lowmem-moe download only the files the merge needs."
     )
 
 
 def _incomplete_cache_message(
-    reference: ModelReference, commit: str, folder: Path, missing_files: list[str], gaps: list[str]
+    reference: ModelReference, commit: str, folder: Path, missing_files: list[str], gaps: list[str], cache_only: bool
 ) -> str:
     # Named files can be fetched one by one. A gap without a file name needs
     # the whole commit, which for a base is little more than it needs anyway.
     files = () if gaps else tuple(missing_files)
     command = reference.download_command(files, commit)
-    return (
+    missing = (
         f"{reference.repo_id}: the Hugging Face cache has commit {commit} ({folder}) only in part. Missing: "
-        f"{', '.join([*missing_files, *gaps])}. HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing can be "
+        f"{', '.join([*missing_files, *gaps])}."
+    )
+    if cache_only:
+        return (
+            f"{missing} This command reads only the cache and downloads nothing. Fetch the files with `{command}` "
+            "and run the command again."
+        )
+    return (
+        f"{missing} HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so nothing can be "
         f"downloaded. Fetch the files with `{command}` while online, or unset the variable."
     )

@@ -11,9 +11,8 @@ sources chunk by chunk. The model card itself is not compared.
 import filecmp
 import json
 import logging
-import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -162,29 +161,14 @@ def rebuild_merge(record: MergeRecord, chunk_size: int | None = None) -> Prepare
     # records for that branch now, which may differ from the commit the
     # merge read. The model card lists the merge's commits.
     try:
-        with _hub_offline():
-            resolution = resolve_sources(config)
+        # Verify never downloads: it reads the sources from disk or the cache only.
+        resolution = resolve_sources(config, cache_only=True)
         return prepare_resolved(config, resolution, options)
     except SourceError as error:
         raise SourceError(
             f"{error} Verify reads the sources that the merge read, as the record names them "
             f"(YAML at {config_path}), so they must still exist."
         ) from error
-
-
-@contextmanager
-def _hub_offline() -> Iterator[None]:
-    # resolve_sources downloads metadata of uncached Hub models unless
-    # HF_HUB_OFFLINE is set, and verify must never download.
-    saved = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["HF_HUB_OFFLINE"]
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
 
 
 def _report_for(folder: Path, plan: MergePlan) -> VerifyReport:

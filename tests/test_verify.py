@@ -322,3 +322,25 @@ def test_folder_without_card_exit_code(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert "README.md" in result.stderr, result.stderr
+
+
+def test_missing_hub_like_source_hint(tmp_path, tiny_llama, tiny_experts, monkeypatch):
+    # Folders named like Hub repositories, so that a missing one is looked up in the cache.
+    root = tmp_path / "sources"
+    shutil.copytree(tiny_llama, root / "acme" / "base")
+    for index in range(2):
+        shutil.copytree(tiny_experts[index], root / "acme" / f"expert{index}")
+    config = merge_yaml(root / "merge.yml", Path("acme/base"), [Path("acme/expert0"), Path("acme/expert1")])
+    out = merge(config, tmp_path / "out")
+    shutil.rmtree(root / "acme" / "expert1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+    with pytest.raises(SourceError) as error:
+        verify_output(out)
+
+    message = str(error.value)
+    assert f"Model folder not found: {root / 'acme' / 'expert1'}" in message
+    assert "downloads nothing" in message
+    assert "`hf download acme/expert1" in message
+    assert "unset the variable" not in message
+    assert "HF_HUB_OFFLINE" not in message
