@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from . import __version__
 from .config import load_merge_config
 from .dtypes import dtype_code_from_name, torch_dtype
@@ -226,7 +228,10 @@ def _plan_command(args: argparse.Namespace, options: PlanOptions) -> int:
 
 def _merge_command(args: argparse.Namespace, options: PlanOptions) -> int:
     start = time.monotonic()
-    out_dir = run_merge(args.config, args.out_dir, options, overwrite=args.overwrite)
+    # The gate pass logs from its thread while the copy's progress bar is
+    # drawn, so log lines go through tqdm, which keeps the bar intact.
+    with logging_redirect_tqdm(loggers=[logger]):
+        out_dir = run_merge(args.config, args.out_dir, options, overwrite=args.overwrite)
     size = sum(path.stat().st_size for path in out_dir.iterdir() if path.is_file())
     logger.info("Done: %s of output in %.1f s.", format_bytes(size), time.monotonic() - start)
     return 0

@@ -3,6 +3,7 @@
 import errno
 import logging
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from .shard_format import shard_file_size
 from .shard_writer import shard_is_complete
 from .planner import PlanOptions, build_plan
 from .sources import MergeSources, open_sources
-from .structure_check import check_structure, model_parameters
+from .structure_check import check_planned_structure, check_structure
 
 logger = logging.getLogger(__name__)
 
@@ -130,23 +131,7 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
         raise
 
     try:
-        # The copy runs in this thread while two slower, CPU-bound steps run
-        # in the background: building transformers' model for the structure
-        # check, and the gate pass, whose routers are the last tensors of
-        # their shards (see planner.py).
-        write_config(plan.output_config, staging)
-        expected_parameters = BackgroundCall("structure check", model_parameters, staging)
-        routers = _router_supply(prepared, options, staging, resumed, output.target.parent)
-
-        write_shards(replace(plan, shards=tuple(pending)), staging, routers)
-        routers()  # a resumed merge may have no router left to write, but a gate pass error still counts
-        write_index(plan, staging)
-        copy_base_files(prepared.sources.base, staging)
-        record = make_record(config_path, prepared.config.text, options)
-        card = model_card(prepared.config, plan, options.seed, prepared.resolution) + "\n" + record_block(record)
-        (staging / "README.md").write_text(card, encoding="utf-8")
-        check_structure(staging, expected_parameters.result())
-        published = output.publish()
+        published = _write_output(prepared, output, pending, resumed, config_path)
     except (DiskFullError, OSError) as error:
         # Metadata files and the saved routers fail with a plain OSError.
         if not isinstance(error, DiskFullError) and error.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -171,30 +156,82 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
     return published
 
 
-def _router_supply(
-    prepared: PreparedMerge, options: PlanOptions, staging: Path, resumed: bool, scratch_folder: Path
+def _write_output(
+    prepared: PreparedMerge, output: OutputFolder, pending: list, resumed: bool, config_path: Path
+) -> Path:
+    """Write the pending shards and the metadata into the staging folder, check them and publish the folder.
+
+    The copy runs in this thread. Two CPU-bound steps run beside it: the
+    gate pass, whose routers are the last tensors of the plan (see
+    planner.py), and the structure check, which builds transformers' model
+    from the output config and compares it with the plan. Their errors are
+    raised between tensors. Any error stops both steps before it propagates,
+    because an interpreter that exits while torch runs in another thread
+    can abort.
+    """
+    plan, options, staging = prepared.plan, prepared.options, output.staging
+    write_config(plan.output_config, staging)
+    steps: list[BackgroundCall] = []
+
+    def raise_step_errors() -> None:
+        for step in steps:
+            step.raise_if_failed()
+
+    try:
+        planned_shapes = {tensor.name: tensor.shape for tensor in plan.tensors}
+        structure = BackgroundCall(
+            "structure check", check_planned_structure, staging, planned_shapes, prepared.sources.base.config.path
+        )
+        steps.append(structure)
+        routers = _start_gate_pass(prepared, staging, resumed, output.target.parent, steps)
+
+        write_shards(replace(plan, shards=tuple(pending)), staging, routers, raise_step_errors)
+        routers()  # a resumed merge may have no router left to write, but a gate pass error still counts
+        write_index(plan, staging)
+        copy_base_files(prepared.sources.base, staging)
+        record = make_record(config_path, prepared.config.text, options)
+        card = model_card(prepared.config, plan, options.seed, prepared.resolution) + "\n" + record_block(record)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        check_structure(staging, structure.result())
+        return output.publish()
+    except BaseException:
+        for step in steps:
+            step.stop()
+        raise
+
+
+def _start_gate_pass(
+    prepared: PreparedMerge, staging: Path, resumed: bool, scratch_folder: Path, steps: list[BackgroundCall]
 ) -> Callable[[], dict[str, torch.Tensor]]:
     """Start the gate pass in the background, or reuse saved routers, and return a function that waits for them.
 
     The gate pass saves its routers into the staging folder as soon as it
     ends, so that a merge interrupted after that point resumes without it.
+    Its BackgroundCall is appended to ``steps``.
     """
     saved = load_router_weights(staging) if resumed else None
     if saved is not None:
         logger.info("Reusing the router weights of the interrupted run")
         return lambda: saved
 
+    options = prepared.options
+    cancel = threading.Event()
+
     def gate_pass() -> dict[str, torch.Tensor]:
         weights = compute_router_weights(
-            prepared.config, prepared.sources, options.seed, scratch_folder, torch_dtype(options.gate_dtype)
+            prepared.config,
+            prepared.sources,
+            options.seed,
+            scratch_folder,
+            torch_dtype(options.gate_dtype),
+            cancel=cancel,
         )
         save_router_weights(staging, weights)
         return weights
 
-    # TODO: stop the gate pass when the copy fails. Today it runs to its end
-    # in its daemon thread. The command exits at once, but a Python caller
-    # that goes on keeps a busy thread until then.
-    return BackgroundCall("gate pass", gate_pass).result
+    call = BackgroundCall("gate pass", gate_pass, cancel=cancel)
+    steps.append(call)
+    return call.result
 
 
 def _check_disk_space(prepared: PreparedMerge, pending: list, staging: Path) -> None:

@@ -58,15 +58,20 @@ class SourceFiles:
 
 
 def write_shards(
-    plan: MergePlan, folder: Path, router_weights: Callable[[], dict[str, torch.Tensor]]
+    plan: MergePlan,
+    folder: Path,
+    router_weights: Callable[[], dict[str, torch.Tensor]],
+    between_tensors: Callable[[], None] = lambda: None,
 ) -> list[Path]:
     """Write every shard of the plan into ``folder`` and return their paths.
 
     ``router_weights`` returns a dict that maps each GateSource router name
     to float32 weights of shape (layers, experts, hidden). It is called when
     the first router is written, so it may wait for a gate pass that runs
-    meanwhile. A failure removes the shard in progress; shards finished
-    before it stay.
+    meanwhile. ``between_tensors`` is called before each tensor, and may
+    raise to stop the merge, for example with the error of a background
+    step. A failure removes the shard in progress; shards finished before
+    it stay.
     """
     # The one reusable read buffer of the copy phase; see memory_budget.
     buffer = bytearray(plan.chunk_size)
@@ -79,6 +84,7 @@ def write_shards(
             try:
                 writer.begin()
                 for tensor in shard.tensors:
+                    between_tensors()
                     _write_tensor(writer, tensor, sources, buffer, router_weights, progress)
                     writer.end_tensor()
                 written.append(writer.finish())

@@ -62,6 +62,9 @@ def build_plan(config: MergeConfig, sources: MergeSources, options: PlanOptions)
     _check_expert_shapes(specs, sources)
 
     tensors = [_plan_tensor(spec, out_dtype, options.seed) for spec in specs]
+    # Routers go last, into the last shard, so that every other tensor can
+    # be copied while the gate pass computes them.
+    tensors.sort(key=lambda tensor: isinstance(tensor.source, GateSource))
     shards = _assign_shards(tensors, options.shard_size)
 
     base = sources.base.config
@@ -246,9 +249,6 @@ def _assign_shards(tensors: list[PlannedTensor], shard_size: int) -> list[Planne
     for index, group in enumerate(groups):
         offset = 0
         placed = []
-        # Routers go last in their shard, so that the copy of the shard's
-        # other tensors can run while the gate pass computes them.
-        group.sort(key=lambda tensor: isinstance(tensor.source, GateSource))
         for tensor in group:
             placed.append(_with_offset(tensor, offset))
             offset += tensor.nbytes

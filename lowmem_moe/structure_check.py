@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import OutputError
+from .errors import OutputError, PlanError
 from .shard_format import INDEX_NAME
 
 logger = logging.getLogger(__name__)
@@ -101,10 +101,48 @@ def _fused_form(written: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...
     return result
 
 
+def check_planned_structure(folder: Path, planned: dict[str, tuple[int, ...]], base_config: Path) -> ModelParameters:
+    """Raise PlanError unless the planned tensors fit the model of ``folder``'s config.json, and return its parameters.
+
+    A merge runs this in the background before its shards are written, so
+    that a config whose sizes do not match the tensors fails early. The
+    output config takes its values from the base's config.json, which
+    ``base_config`` names in the messages.
+    """
+    try:
+        expected = model_parameters(folder)
+    except Exception as error:  # transformers raises KeyError, ValueError and its own validation errors here
+        raise PlanError(
+            f"transformers cannot build the merged model from its config.json ({type(error).__name__}: {error}). "
+            f"That config takes its values from the base model's {base_config}; check them there."
+        ) from error
+
+    if not set(planned) <= set(expected.shapes):
+        planned = _fused_form(planned)
+    problems = _problems(expected.shapes, planned)
+    if problems:
+        raise PlanError(
+            "The source tensors do not fit the model that the merged config.json describes: "
+            + "; ".join(problems)
+            + f". The config's sizes come from the base model's {base_config}; check that they match its tensors."
+        )
+    return expected
+
+
 def _compare(folder: Path, expected: dict[str, tuple[int, ...]], written: dict[str, tuple[int, ...]]) -> None:
-    missing = sorted(set(expected) - set(written))
-    unexpected = sorted(set(written) - set(expected))
-    mismatched = sorted(name for name in set(expected) & set(written) if expected[name] != written[name])
+    problems = _problems(expected, written)
+    if problems:
+        raise OutputError(
+            f"{folder}: the written tensors do not match the model that config.json describes: "
+            + "; ".join(problems)
+            + ". This is a bug in lowmem-moe; please report it with the merge YAML."
+        )
+
+
+def _problems(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(name for name in set(expected) & set(found) if expected[name] != found[name])
     problems = []
     if missing:
         problems.append(f"{len(missing)} parameters have no tensor, e.g. {missing[0]!r}")
@@ -112,11 +150,8 @@ def _compare(folder: Path, expected: dict[str, tuple[int, ...]], written: dict[s
         problems.append(f"{len(unexpected)} tensors have no parameter, e.g. {unexpected[0]!r}")
     if mismatched:
         name = mismatched[0]
-        problems.append(f"{len(mismatched)} shapes differ, e.g. {name!r}: config gives {list(expected[name])}, "
-                        f"file has {list(written[name])}")
-    if problems:
-        raise OutputError(
-            f"{folder}: the written tensors do not match the model that config.json describes: "
-            + "; ".join(problems)
-            + ". This is a bug in lowmem-moe; please report it with the merge YAML."
+        problems.append(
+            f"{len(mismatched)} shapes differ, e.g. {name!r}: config gives {list(expected[name])}, "
+            f"tensor has {list(found[name])}"
         )
+    return problems

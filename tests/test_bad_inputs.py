@@ -281,3 +281,32 @@ def test_stale_staging_folder_replaced(tmp_path, out_dir, tiny_llama, tiny_exper
     assert not staging.exists()
     assert (out_dir / "config.json").is_file()
     assert not (out_dir / "model-00001-of-00002.safetensors").exists()
+
+
+# Base configs whose values do not fit their tensors, or that transformers rejects.
+
+
+def test_config_sizes_not_matching_tensors(tmp_path, out_dir, tiny_llama, tiny_experts):
+    models = [copy_model(model, tmp_path / f"model{index}") for index, model in enumerate([tiny_llama, *tiny_experts[:2]])]
+    for model in models:
+        edit_json(model / "config.json", intermediate_size=256)
+    config = write_config(tmp_path, models[0], models[1:])
+
+    result = run_merge(tmp_path, config, out_dir)
+
+    assert_clean_failure(result, out_dir)
+    assert "do not fit the model that the merged config.json describes" in error_text(result)
+    assert f"{models[0] / 'config.json'}; check that they match its tensors" in error_text(result)
+    assert "bug in lowmem-moe" not in result.stderr
+
+
+def test_config_value_transformers_rejects(tmp_path, out_dir, tiny_llama, tiny_experts):
+    base = copy_model(tiny_llama, tmp_path / "base")
+    edit_json(base / "config.json", hidden_act="no_such_activation")
+    config = write_config(tmp_path, base, tiny_experts[:2])
+
+    result = run_merge(tmp_path, config, out_dir)
+
+    assert_clean_failure(result, out_dir)
+    assert "transformers cannot build the merged model from its config.json" in error_text(result)
+    assert "no_such_activation" in error_text(result)

@@ -1,6 +1,7 @@
 """The gate pass: router weights for every layer, computed before any shard is written."""
 
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -66,6 +67,7 @@ def compute_router_weights(
     seed: int,
     scratch_folder: Path,
     compute_dtype: torch.dtype = torch.float32,
+    cancel: threading.Event | None = None,
 ) -> dict[str, torch.Tensor]:
     """Return float32 router weights of shape (layers, experts, hidden) for the config's gate mode.
 
@@ -73,10 +75,11 @@ def compute_router_weights(
     config has shared experts, "shared_expert" to their gates, both computed
     in one pass. ``scratch_folder`` receives an unlinked temporary file for
     the hidden modes' per-prompt states. ``compute_dtype`` is the dtype in
-    which those modes run the base model's layers.
+    which those modes run the base model's layers. Once ``cancel`` is set,
+    the hidden modes raise Cancelled before their next forward call.
     """
     experts = config.experts + config.shared_experts
-    weights = _router_weights(config, experts, sources, seed, scratch_folder, compute_dtype)
+    weights = _router_weights(config, experts, sources, seed, scratch_folder, compute_dtype, cancel)
 
     routed = weights[:, : len(config.experts)]
     warn_similar_experts(routed, config.experts)
@@ -93,6 +96,7 @@ def _router_weights(
     seed: int,
     scratch_folder: Path,
     compute_dtype: torch.dtype,
+    cancel: threading.Event | None,
 ) -> torch.Tensor:
     base = sources.base.config
     shape = (base.num_hidden_layers, len(experts), base.hidden_size)
@@ -119,5 +123,6 @@ def _router_weights(
         with LayerStream(sources.base, compute_dtype) as stream:
             prompts = collect_prompts(experts, tokenizer, stream.embeddings.num_rows, _max_prompt_tokens(config, sources))
             logger.info("Running %d distinct prompts through %d layers", len(prompts), stream.num_layers)
-            return hidden_router_weights(experts, prompts, stream, HIDDEN_MODES[config.gate_mode], scratch_folder)
+            last_token = HIDDEN_MODES[config.gate_mode]
+            return hidden_router_weights(experts, prompts, stream, last_token, scratch_folder, cancel)
     raise ValueError(f"unknown gate_mode {config.gate_mode!r}")

@@ -1,10 +1,12 @@
 """The hidden gate modes: router vectors from the base model's hidden states, one layer at a time."""
 
 import logging
+import threading
 from pathlib import Path
 
 import torch
 
+from ..background import Cancelled
 from ..config import ExpertConfig
 from ..errors import UserError
 from ..layer_stream import LayerStream
@@ -25,6 +27,7 @@ def hidden_router_weights(
     stream: LayerStream,
     last_token: bool,
     scratch_folder: Path,
+    cancel: threading.Event | None = None,
 ) -> torch.Tensor:
     """Return float32 router weights of shape (layers, experts, hidden).
 
@@ -35,6 +38,7 @@ def hidden_router_weights(
     to its own tokens, without padding, as if it ran alone. An expert's
     vector is the mean over its positive prompts minus the mean over its
     negative prompts, L2-normalised per layer, as mergekit-moe computes it.
+    Once ``cancel`` is set, the pass raises Cancelled before its next pack.
     """
     num_layers = stream.num_layers
     hidden_size = stream.config.hidden_size
@@ -58,6 +62,8 @@ def hidden_router_weights(
             layer = stream.load_layer(layer_index) if layer_index < num_layers - 1 else None
             try:
                 for pack in packs:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("the gate pass was stopped")
                     pack_lengths = [lengths[slot] for slot in pack]
                     states = store.read_pack(pack)  # (pack tokens, hidden)
                     for slot, prompt_states in zip(pack, states.split(pack_lengths)):
