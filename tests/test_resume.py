@@ -68,9 +68,13 @@ def staging_of(out: Path) -> Path:
     return out.parent / f".{out.name}.lowmem-moe-partial"
 
 
-def wait_for(path: Path, process: subprocess.Popen) -> bool:
-    """Wait until ``path`` exists; return False when the process ended first."""
-    while not path.exists():
+def finished_shards(staging: Path) -> list[Path]:
+    return list(staging.glob("model-*.safetensors"))
+
+
+def wait_until(condition, process: subprocess.Popen) -> bool:
+    """Wait until ``condition()`` is true; return False when the process ended first."""
+    while not condition():
         if process.poll() is not None:
             return False
         time.sleep(0.002)
@@ -87,26 +91,28 @@ def test_resume_after_random_kills(sources, reference, tmp_path):
     rng = random.Random(1234)
     kills = {"gates": 0, "copy": 0}
 
-    # Kills during the gate pass: after the staging folder appears and
-    # before the router weights are saved. Then kills during the copy
-    # phase, after the routers are saved. Delays are random within each.
-    for stage, marker, target, max_delay in (("gates", journal, 4, 0.4), ("copy", routers, 6, 0.4)):
+    # Kills soon after the staging folder appears, before the router weights
+    # are saved, and then kills after a shard is finished. The gate pass and
+    # the copy run side by side, so the copy stage may come before or after
+    # the routers. Delays are random within each stage.
+    for stage, has_marker, target in (("gates", journal.exists, 4), ("copy", lambda: finished_shards(staging), 6)):
         attempts = 0
         while kills[stage] < target and attempts < 30:
             attempts += 1
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if not wait_for(marker, process):
+            if not wait_until(has_marker, process):
                 break
-            time.sleep(rng.uniform(0.0, max_delay))
+            time.sleep(rng.uniform(0.0, 0.4))
             if process.poll() is not None:
                 break
             in_gate_pass = not routers.exists()
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
-            if (stage == "gates") == in_gate_pass:
+            if out.exists():
+                # The kill came after the output was published, while the process exited.
+                break
+            if stage == "copy" or in_gate_pass:
                 kills[stage] += 1
-
-            assert not out.exists() or not any(out.iterdir())
             assert journal.exists()
 
     if not out.exists():
@@ -123,7 +129,7 @@ def kill_during_copy(command: list[str], out: Path) -> None:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staging = staging_of(out)
     routers = staging / ".lowmem-moe-routers.safetensors"
-    while process.poll() is None and not (routers.exists() and list(staging.glob("model-*.safetensors"))):
+    while process.poll() is None and not (routers.exists() and finished_shards(staging)):
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
@@ -246,3 +252,22 @@ def test_changed_tokenizer_restarts(sources, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"base file {tokenizer} changed" in result.stderr
     assert folder_bytes(out) == folder_bytes(fresh)
+
+
+def test_interrupt_in_gate_pass_exits_cleanly(sources, tmp_path):
+    # An interpreter that exits while torch runs in the gate pass thread
+    # aborted with "terminate called without an active exception" (exit 134).
+    out = tmp_path / "out"
+    command = [c for c in merge_command(sources / "merge.yml", out) if c != "-q"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = ""
+    while "distinct prompts through" not in stderr and process.poll() is None:
+        stderr += process.stderr.readline()
+    os.kill(process.pid, signal.SIGINT)
+    stderr += process.communicate()[1]
+
+    assert process.returncode == 130, stderr
+    assert "terminate called" not in stderr
+    assert "Traceback" not in stderr
+    assert "Interrupted" in stderr
+    assert not out.exists()
