@@ -114,7 +114,7 @@ def run_merge(config_path: Path, out_dir: Path, options: PlanOptions, overwrite:
     prepared = prepare_merge(config_path, options, download=True)
     check_prompts(prepared.config, prepared.sources)
     plan = prepared.plan
-    fingerprint = merge_fingerprint(prepared.config.text, asdict(options), plan)
+    fingerprint = merge_fingerprint(prepared.config.text, asdict(options), plan, prepared.sources.base)
     resumed = output.open_staging(fingerprint)
     staging = output.staging
     pending = [shard for shard in plan.shards if not (resumed and shard_is_complete(staging, shard))]
@@ -209,7 +209,7 @@ def _start_gate_pass(
     ends, so that a merge interrupted after that point resumes without it.
     Its BackgroundCall is appended to ``steps``.
     """
-    saved = load_router_weights(staging) if resumed else None
+    saved = load_router_weights(staging, prepared.plan) if resumed else None
     if saved is not None:
         logger.info("Reusing the router weights of the interrupted run")
         return lambda: saved

@@ -34,11 +34,11 @@ _OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
 
 
 def merge_fingerprint(
-    config_text: str, options: dict[str, Any], plan: MergePlan, base: Checkpoint | None = None
+    config_text: str, options: dict[str, Any], plan: MergePlan, base: Checkpoint
 ) -> dict[str, Any]:
     """Return what identifies a merge: a hash of its config and plan, and the size and mtime of its input files.
 
-    The input files are the plan's source files and, given ``base``, every
+    The input files are the plan's source files and every
     tokenizer and generation config file that the output copies from the
     base, with None for each that is absent. The gate pass reads the
     tokenizer too, so a changed tokenizer makes the saved routers stale.
@@ -59,12 +59,7 @@ def merge_fingerprint(
     for path in paths:
         stat = os.stat(path)
         sources[path] = [stat.st_size, stat.st_mtime_ns]
-    fingerprint = {"config": config_hash, "sources": sources}
-    # TODO: make ``base`` required once merge.py passes it. Without it a
-    # changed base tokenizer goes unnoticed on resume.
-    if base is not None:
-        fingerprint["base_files"] = _base_file_stats(base.folder)
-    return fingerprint
+    return {"config": config_hash, "sources": sources, "base_files": _base_file_stats(base.folder)}
 
 
 def _base_file_stats(folder: Path) -> dict[str, list[int] | None]:
@@ -162,7 +157,7 @@ def router_shapes(plan: MergePlan) -> dict[str, tuple[int, ...]]:
     return {router: (layers[router], *rows[router]) for router in rows}
 
 
-def load_router_weights(staging: Path, plan: MergePlan | None = None) -> dict[str, torch.Tensor] | None:
+def load_router_weights(staging: Path, plan: MergePlan) -> dict[str, torch.Tensor] | None:
     """Return router weights saved by an interrupted run of the same merge, or None.
 
     Weights that are unreadable, or whose names, dtypes or shapes differ from
@@ -176,13 +171,10 @@ def load_router_weights(staging: Path, plan: MergePlan | None = None) -> dict[st
     except Exception as error:  # noqa: BLE001 - any damage means recomputing, which is always safe
         logger.info("Saved router weights in %s are unreadable (%s); computing them again", path, error)
         return None
-    # TODO: make ``plan`` required once merge.py passes it. Without it the
-    # saved weights are used unchecked.
-    if plan is not None:
-        problem = _router_mismatch(weights, router_shapes(plan))
-        if problem is not None:
-            logger.info("Saved router weights in %s do not fit the plan (%s); computing them again", path, problem)
-            return None
+    problem = _router_mismatch(weights, router_shapes(plan))
+    if problem is not None:
+        logger.info("Saved router weights in %s do not fit the plan (%s); computing them again", path, problem)
+        return None
     return weights
 
 

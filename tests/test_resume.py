@@ -234,7 +234,6 @@ def test_disk_full_resumes(sources, reference, small_filesystem):
     assert folder_bytes(out) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="merge.py does not pass base= to merge_fingerprint yet")
 def test_changed_tokenizer_restarts(sources, tmp_path):
     # A private copy, because the base's tokenizer changes.
     root = Path(shutil.copytree(sources, tmp_path / "sources"))
