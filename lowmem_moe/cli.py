@@ -13,10 +13,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__
 from .config import load_merge_config
 from .dtypes import dtype_code_from_name, torch_dtype
-from .errors import UserError
+from .errors import OutputError, UserError
 from .memory_budget import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, MIN_CHUNK_SIZE
 from .merge import disk_bytes_needed, free_disk_bytes, prepare_resolved, run_merge
 from .model_resolution import resolve_sources
+from .output_folder import OutputFolder
 from .plan_report import download_report, format_bytes, plan_summary, plan_tensor_lines
 from .planner import PlanOptions
 
@@ -219,6 +220,11 @@ def _plan_command(args: argparse.Namespace, options: PlanOptions) -> int:
     if args.json:
         print(json.dumps(prepared.plan.to_json_dict(), indent=2))
         return 0
+    try:
+        OutputFolder(args.out_dir).check_target()
+    except OutputError as error:
+        # The plan itself is still useful, so this is a warning, not an error.
+        logger.warning("merge would stop here: %s", error)
     free_disk = free_disk_bytes(args.out_dir)
     print(plan_summary(prepared.plan, free_disk, disk_bytes_needed(prepared), resolution.bytes_to_download))
     if args.tensors:

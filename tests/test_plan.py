@@ -22,6 +22,20 @@ def test_plan_prints_totals(tmp_path, tiny_llama, tiny_experts):
     assert not (tmp_path / "out").exists()
 
 
+def test_plan_warns_non_empty_out_dir(tmp_path, tiny_llama, tiny_experts):
+    config = merge_yaml(tmp_path / "merge.yml", tiny_llama, tiny_experts)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("old")
+
+    result = run_cli("plan", config, out)
+
+    assert result.returncode == 0, result.stderr
+    assert "warning: merge would stop here: Output folder" in result.stderr
+    assert "is not empty" in result.stderr
+    assert "bytes written" in result.stdout
+
+
 def test_plan_tensors_lists_every_output(tmp_path, tiny_llama, tiny_experts):
     config = merge_yaml(tmp_path / "merge.yml", tiny_llama, tiny_experts)
 
