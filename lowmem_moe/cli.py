@@ -3,8 +3,10 @@
 import argparse
 import json
 import logging
+import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,11 +17,13 @@ from .config import load_merge_config
 from .dtypes import dtype_code_from_name, torch_dtype
 from .errors import OutputError, UserError
 from .memory_budget import DEFAULT_CHUNK_SIZE, DEFAULT_SHARD_SIZE, MIN_CHUNK_SIZE
-from .merge import disk_bytes_needed, free_disk_bytes, prepare_resolved, run_merge
+from .merge import PreparedMerge, disk_bytes_needed, free_disk_bytes, prepare_resolved, run_merge
 from .model_resolution import resolve_sources
+from .output_files import write_config
 from .output_folder import OutputFolder
 from .plan_report import download_report, format_bytes, plan_summary, plan_tensor_lines
 from .planner import PlanOptions
+from .structure_check import check_planned_structure
 
 logger = logging.getLogger("lowmem_moe")
 
@@ -217,6 +221,7 @@ def _plan_command(args: argparse.Namespace, options: PlanOptions) -> int:
         return 0
 
     prepared = prepare_resolved(config, resolution, options)
+    _check_output_structure(prepared)
     if args.json:
         print(json.dumps(prepared.plan.to_json_dict(), indent=2))
         return 0
@@ -230,6 +235,16 @@ def _plan_command(args: argparse.Namespace, options: PlanOptions) -> int:
     if args.tensors:
         print("\n".join(plan_tensor_lines(prepared.plan)))
     return 0
+
+
+def _check_output_structure(prepared: PreparedMerge) -> None:
+    # A merge builds transformers' model from the output config beside its
+    # copy. The plan does the same, so that base config values or sizes that
+    # do not fit the tensors fail here too, before anything is written.
+    planned = {tensor.name: tensor.shape for tensor in prepared.plan.tensors}
+    with tempfile.TemporaryDirectory(prefix="lowmem-moe-plan-") as folder:
+        write_config(prepared.plan.output_config, Path(folder))
+        check_planned_structure(Path(folder), planned, prepared.sources.base.config.path)
 
 
 def _merge_command(args: argparse.Namespace, options: PlanOptions) -> int:
@@ -267,5 +282,21 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     package_logger.propagate = False
 
 
+def entry() -> None:
+    """Run the ``lowmem-moe`` command and end the process with its exit code.
+
+    The process ends with os._exit once the logs are flushed; every output
+    file is closed by then. A merge that failed or was interrupted after
+    its gate pass thread had used torch sometimes aborted in the normal
+    interpreter teardown, with "terminate called without an active
+    exception" (exit 134), even after the thread was stopped and joined.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -73,7 +73,13 @@ class LayerStream:
         # Built on the meta device and converted there, so that the only
         # allocation is the uninitialised storage that the checkpoint fills.
         with torch.device("meta"):
-            layer = self._layer_class(self.config, index)
+            try:
+                layer = self._layer_class(self.config, index)
+            except Exception as error:  # transformers raises KeyError, ValueError and more for bad values
+                raise SourceError(
+                    f"{self.checkpoint.config.path}: transformers cannot build decoder layer {index} from this config "
+                    f"({type(error).__name__}: {error}). Check the values in it."
+                ) from error
             prefix = f"model.layers.{index}."
             self._stream_linear_layers(layer, prefix)
         layer = layer.to(self.compute_dtype).to_empty(device="cpu")

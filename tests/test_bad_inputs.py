@@ -310,3 +310,30 @@ def test_config_value_transformers_rejects(tmp_path, out_dir, tiny_llama, tiny_e
     assert_clean_failure(result, out_dir)
     assert "transformers cannot build the merged model from its config.json" in error_text(result)
     assert "no_such_activation" in error_text(result)
+
+
+def test_config_value_rejected_in_gate_pass(tmp_path, out_dir, tiny_llama, tiny_experts):
+    base = copy_model(tiny_llama, tmp_path / "base")
+    edit_json(base / "config.json", hidden_act="no_such_activation")
+    config = write_config(tmp_path, base, tiny_experts[:2], gate_mode="hidden")
+
+    result = run_merge(tmp_path, config, out_dir)
+
+    assert_clean_failure(result, out_dir)
+    assert "no_such_activation" in error_text(result)
+    assert str(base / "config.json") in error_text(result)
+
+
+def test_plan_rejects_config_sizes(tmp_path, tiny_llama, tiny_experts):
+    models = [copy_model(model, tmp_path / f"model{index}") for index, model in enumerate([tiny_llama, *tiny_experts[:2]])]
+    for model in models:
+        edit_json(model / "config.json", intermediate_size=256)
+    config = write_config(tmp_path, models[0], models[1:])
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lowmem_moe.cli", "plan", str(config), str(tmp_path / "out")], capture_output=True, text=True
+    )
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "do not fit the model that the merged config.json describes" in error_text(result)
