@@ -6,18 +6,13 @@ import sys
 import pytest
 
 from merge_helpers import merge_yaml
+from tmpfs import mounted_tmpfs
 
 
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 1 MiB tmpfs, which needs root; skipped where mounting is not allowed."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    yield from mounted_tmpfs(tmp_path / "small", 1)
 
 
 def run_cli(*args):

@@ -3,7 +3,6 @@
 import errno
 import logging
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from lowmem_moe.merge_progress import (
 )
 from lowmem_moe.planner import PlanOptions
 from model_factory import TinyModelSpec, make_model, write_yaml
+from tmpfs import mounted_tmpfs
 
 NUM_LAYERS = 2
 HIDDEN = 64
@@ -144,13 +144,7 @@ def test_routers_into_missing_folder(tmp_path):
 @pytest.fixture
 def tiny_filesystem(tmp_path):
     """A 1 MiB tmpfs, which needs root. Skipped where mounting is not allowed."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    yield from mounted_tmpfs(tmp_path / "tiny", 1)
 
 
 def test_routers_on_full_disk(tiny_filesystem):

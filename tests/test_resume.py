@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from model_factory import make_tokenizer
+from tmpfs import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -184,16 +185,7 @@ def small_filesystem(tmp_path, reference):
     Skipped where mounting is not allowed.
     """
     output_bytes = sum(len(data) for data in reference[0].values())
-    size_mib = (output_bytes >> 20) + 64 + 16
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mount_point)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    yield from mounted_tmpfs(tmp_path / "small", (output_bytes >> 20) + 64 + 16)
 
 
 def test_disk_full_resumes(sources, reference, small_filesystem):
