@@ -42,12 +42,17 @@ def has_tokenizer(base: Checkpoint) -> bool:
     return any((base.folder / name).is_file() for name in TOKENIZER_VOCABULARY_FILES)
 
 
-def metadata_file_sizes(base: Checkpoint) -> int:
-    """Return the bytes of the files copied from the base, for the disk space check."""
+def base_files(base: Checkpoint) -> list[Path]:
+    """Return the base's files that the output gets a copy of: its tokenizer files and generation config."""
     paths = tokenizer_files(base)
     if (base.folder / GENERATION_CONFIG).is_file():
         paths.append(base.folder / GENERATION_CONFIG)
-    return sum(path.stat().st_size for path in paths)
+    return paths
+
+
+def metadata_file_sizes(base: Checkpoint) -> int:
+    """Return the bytes of the files copied from the base, for the disk space check."""
+    return sum(path.stat().st_size for path in base_files(base))
 
 
 def write_index(plan: MergePlan, folder: Path) -> None:
@@ -68,10 +73,7 @@ def write_config(output_config: dict[str, Any], folder: Path) -> None:
 def copy_base_files(base: Checkpoint, folder: Path) -> list[str]:
     """Copy generation_config.json and tokenizer files from the base, returning the names copied."""
     copied = []
-    generation_config = base.folder / GENERATION_CONFIG
-    for source in [*tokenizer_files(base), generation_config]:
-        if not source.is_file():
-            continue
+    for source in base_files(base):
         try:
             shutil.copyfile(source, folder / source.name)
         except OSError as error:

@@ -27,7 +27,7 @@ from .merge import PreparedMerge, prepare_resolved
 from .merge_record import MergeRecord, read_record
 from .model_resolution import resolve_sources
 from .plan import MergePlan
-from .output_files import GENERATION_CONFIG, tokenizer_files
+from .output_files import base_files
 from .plan_executor import SourceFiles
 from .plan_report import format_bytes
 from .progress import progress_bar
@@ -249,10 +249,7 @@ def _compare_config(folder: Path, output_config: dict[str, Any]) -> Mismatch | N
 
 def _compare_base_files(folder: Path, base: Checkpoint) -> Mismatch | None:
     """Return the first tokenizer or generation config file whose copy in the output differs from the base's, or None."""
-    paths = tokenizer_files(base)
-    if (base.folder / GENERATION_CONFIG).is_file():
-        paths.append(base.folder / GENERATION_CONFIG)
-    for source in paths:
+    for source in base_files(base):
         copy = folder / source.name
         if not copy.is_file():
             return Mismatch(source.name, f"{source.name}: missing, but the base model has it ({source}).")
