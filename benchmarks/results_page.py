@@ -68,9 +68,9 @@ BENCH_METHOD = """### Method
   also samples the RSS of the merge process every 50 ms from the moment its log shows the
   "Writing shards" progress bar, which starts the copy phase, to the end of the run (the output's
   metadata files and lowmem-moe's structure check of the output follow the copy phase). That "copy
-  phase MB" column includes memory that earlier phases left allocated, and the structure check's
-  model, which is built in a thread beside the copy, so it is an upper bound of what the copy
-  phase needs, and like any sampled peak it can miss spikes shorter than 50 ms. The target uses
+  phase MB" column includes memory that earlier phases left allocated. It also includes the
+  structure check's model, which is built in a thread beside the copy. So it is an upper bound of
+  what the copy phase needs, and like any sampled peak it can miss spikes shorter than 50 ms. The target uses
   it; the whole-process peaks stand beside it. With `hidden` gates the gate pass runs in a thread
   beside the copy, so that merge has no copy phase of its own: its whole-process peak is checked
   against the 3 GB target of the gate pass. The `plan` row measures `lowmem-moe plan` (imports,

@@ -47,7 +47,7 @@ def test_ten_thousand_prompts_bounded(tmp_path, models):
     # From 2,500 prompts on, every gate-pass pack is at its size limit, so
     # only the YAML text and token lists grow, by a few MB, plus allocator
     # noise that reached 24 MiB between runs. The 7,500 extra prompts of up
-    # to 14 tokens have about 110 MB of states at hidden size 256, which
-    # stay on disk; holding them in memory would break the bound.
+    # to 14 tokens have about 110 MB of states at hidden size 256. Those stay
+    # on disk, and holding them in memory would break the bound.
     assert (tmp_path / "many" / "model.safetensors.index.json").exists()
     assert many - few < 56 * 1024**2, f"{(many - few) / 2**20:.1f} MiB more for 7,500 more prompts"
